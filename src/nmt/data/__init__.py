@@ -1,0 +1,1 @@
+"""Data stages: download, corpus parsing, validation, vocabularies, vectorisation."""
