@@ -1,0 +1,84 @@
+"""Shared fixtures: the tiny profile, its params file, and the data stages run once on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nmt.config import Params, merge, parse_params, read_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+TINY_PROFILE = FIXTURES / "params_tiny.yaml"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--model-dir", default=None,
+                     help="trained model folder for the opt-in behavioural tests (marker: model)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_model = pytest.mark.skip(reason="needs --model-dir with a trained model")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "model" in item.keywords and not config.getoption("--model-dir"):
+            item.add_marker(skip_model)
+
+
+def tiny_raw(**overrides: object) -> dict:
+    """params.yaml merged with the tiny profile, then with `overrides` (nested dicts)."""
+    raw = merge(read_yaml(REPO / "params.yaml"), read_yaml(TINY_PROFILE))
+    raw["download"]["bundled"] = str(REPO / raw["download"]["bundled"])
+    return merge(raw, overrides) if overrides else raw
+
+
+def write_params(path: Path, raw: dict) -> Path:
+    """Write a full params file (what DVC and the stage scripts read)."""
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture()
+def tiny_params() -> Params:
+    return parse_params(tiny_raw())
+
+
+@pytest.fixture()
+def tiny_params_file(tmp_path: Path) -> Path:
+    return write_params(tmp_path / "params.yaml", tiny_raw())
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """download -> validate -> vectorize on the tiny corpus, once per test session.
+
+    Returns the paths of every output; tests must not modify them (copy first).
+    """
+    import pipelines.download as download
+    import pipelines.validate as validate
+    import pipelines.vectorize as vectorize
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    params = write_params(root / "params.yaml", tiny_raw())
+    paths = {"params": params, "archive": root / "data/raw/fra-eng.zip",
+             "pairs": root / "data/interim/pairs.parquet", "processed": root / "data/processed",
+             "reports": root / "reports"}
+    assert download.main(["--params", str(params), "--out", str(paths["archive"])]) == 0
+    assert validate.main(["--params", str(params), "--archive", str(paths["archive"]),
+                          "--out", str(paths["pairs"]),
+                          "--reports", str(paths["reports"] / "validation")]) == 0
+    assert vectorize.main(["--params", str(params), "--pairs", str(paths["pairs"]),
+                           "--out-dir", str(paths["processed"]),
+                           "--stats", str(paths["reports"] / "vectorize/stats.json")]) == 0
+    return paths

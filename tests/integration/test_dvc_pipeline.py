@@ -1,0 +1,82 @@
+"""`dvc repro` on a copy of the project with the tiny profile: runs, then is a no-op."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, TINY_PROFILE, write_params
+
+from nmt.config import merge, read_yaml
+
+COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", ".dvcignore"]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the project whose params.yaml is the tiny profile."""
+    root = tmp_path_factory.mktemp("project")
+    for rel in COPY:
+        src = REPO / rel
+        if src.is_dir():
+            shutil.copytree(src, root / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
+    write_params(root / "params.yaml", merge(read_yaml(REPO / "params.yaml"),
+                                             read_yaml(TINY_PROFILE)))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db", GX_ANALYTICS_ENABLED="false")
+    env.pop("DVC_EXP_NAME", None)
+    _run(["git", "init", "-q"], root, env)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    _run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root, env)
+    return root, env
+
+
+def test_repro_runs_every_stage_then_nothing(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+    first = _run([*dvc, "repro"], root, env)
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        assert f"Running stage '{name}'" in first
+    assert (root / "data/processed/train.parquet").is_file()
+    lock = (root / "dvc.lock").read_text()
+    second = _run([*dvc, "repro"], root, env)
+    assert "Running stage" not in second
+    assert "up to date" in second
+    assert (root / "dvc.lock").read_text() == lock
+    status = _run([*dvc, "status"], root, env)
+    assert "up to date" in status
+
+
+def test_forced_rerun_gives_identical_data_outputs(project: tuple[Path, dict[str, str]]) -> None:
+    root, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "repro"], root, env)
+    before = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    _run([*dvc, "repro", "-f", "vectorize", "--single-item"], root, env)
+    _run([*dvc, "repro", "-f", "validate", "--single-item"], root, env)
+    after = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    def data_outs(stages: dict, stage: str) -> list[dict]:
+        # Data Docs embed run timestamps, so only the data outputs must match byte for byte.
+        return [o for o in stages[stage]["outs"] if "docs" not in o["path"]]
+
+    for stage in ("validate", "vectorize"):
+        assert data_outs(before, stage) == data_outs(after, stage), stage
+        assert data_outs(after, stage)
+    metrics = json.loads(_run([*dvc, "metrics", "show", "--json"], root, env))
+    assert metrics, "dvc metrics show returned nothing"
