@@ -126,6 +126,7 @@ def run_suite(pairs: pd.DataFrame, cfg: ValidateConfig, docs_dir: Path) -> Valid
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     docs_dir = Path(docs_dir).resolve()
