@@ -1,0 +1,273 @@
+"""Greedy and beam search: equivalences, stopping, length caps, n-best, and a learned toy task."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from functools import partial
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig
+from nmt.model import Seq2Seq, beam_search, build_model, greedy_search
+from nmt.model.decoder import DecoderState
+from nmt.model.encoder import EncoderOutput
+from nmt.model.search import max_output_lengths
+from nmt.specials import BOS_ID, EOS_ID, PAD_ID
+
+V = 12
+BASE = ModelConfig(rnn="lstm", emb_dim=8, hidden=6, enc_layers=1, dec_layers=1,
+                   bidirectional=True, attention="luong_general", input_feeding=False,
+                   dropout=0.0, tie_embeddings=True)
+CONFIGS = {
+    "luong-lstm": {},
+    "bahdanau-gru-feeding": {"rnn": "gru", "attention": "bahdanau", "input_feeding": True},
+    "none-gru": {"rnn": "gru", "attention": "none", "bidirectional": False},
+}
+
+
+LIVELY = {"luong-lstm": (0, -1.5), "bahdanau-gru-feeding": (0, -1.5), "none-gru": (1, -1.0)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(eos_bias: float = 0.0, seed: int = 0, **overrides: object) -> Seq2Seq:
+    torch.manual_seed(seed)
+    model = build_model(dataclasses.replace(BASE, **overrides), V, V).eval()
+    with torch.no_grad():
+        model.decoder.output.bias[EOS_ID] += eos_bias
+    return model
+
+
+def make_lively_model(name: str) -> Seq2Seq:
+    """Untrained model whose outputs end at varied lengths: larger weights, a strong EOS row."""
+    seed, eos_bias = LIVELY[name]
+    model = make_model(seed=seed, **CONFIGS[name])
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(3.0)
+        model.decoder.output.weight[EOS_ID] *= 8.0
+        model.decoder.output.bias[EOS_ID] = eos_bias
+    return model
+
+
+def make_src(lengths: list[int], seed: int = 0) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths)
+    src = torch.randint(4, V, (len(lengths), max(lengths)), generator=gen)
+    return src.masked_fill(torch.arange(src.size(1))[None] >= lens[:, None], PAD_ID), lens
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_beam_size_one_equals_greedy(name: str) -> None:
+    model = make_lively_model(name)
+    src, lens = make_src([7, 4, 1, 5, 2, 6])
+    greedy = greedy_search(model, src, lens)
+    lengths = torch.tensor([len(h[0]) for h in greedy.tokens])
+    assert not greedy.hit_max_len.all() and lengths.max() > 0  # EOS at various steps
+    beam = beam_search(model, src, lens, beam_size=1, length_penalty=0.0)
+    assert beam.tokens == greedy.tokens
+    torch.testing.assert_close(beam.scores, greedy.scores)
+    assert torch.equal(beam.hit_max_len, greedy.hit_max_len)
+
+
+def forced_log_prob(model: Seq2Seq, src: Tensor, length: int, hyp: list[int]) -> float:
+    """Teacher-forced log P(hyp + EOS | src) through `forward`."""
+    trg_in, trg_out = torch.tensor([[BOS_ID, *hyp]]), torch.tensor([[*hyp, EOS_ID]])
+    log_probs = model(src[None, :length], torch.tensor([length]), trg_in).log_softmax(-1)
+    return log_probs.gather(2, trg_out[..., None]).sum().item()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_beam_scores_are_normalised_model_scores(name: str) -> None:
+    model = make_lively_model(name)
+    src, lens = make_src([7, 4, 1, 5])
+    result = beam_search(model, src, lens, beam_size=3, nbest=3, length_penalty=0.6)
+    for i, (hyps, n) in enumerate(zip(result.tokens, lens.tolist(), strict=True)):
+        for j, hyp in enumerate(hyps):
+            expected = forced_log_prob(model, src[i], n, hyp) / ((5 + len(hyp) + 1) / 6) ** 0.6
+            assert result.scores[i, j].item() == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sentence_alone_equals_sentence_in_padded_batch(name: str) -> None:
+    model = make_lively_model(name)
+    src, lens = make_src([3, 7, 1, 5])
+    greedy = greedy_search(model, src, lens)
+    beam = beam_search(model, src, lens, beam_size=4, nbest=3)
+    for i, n in enumerate(lens.tolist()):
+        alone_src, alone_len = src[i:i + 1, :n], lens[i:i + 1]
+        g = greedy_search(model, alone_src, alone_len)
+        b = beam_search(model, alone_src, alone_len, beam_size=4, nbest=3)
+        assert g.tokens[0] == greedy.tokens[i] and b.tokens[0] == beam.tokens[i]
+        torch.testing.assert_close(g.scores[0], greedy.scores[i])
+        torch.testing.assert_close(b.scores[0], beam.scores[i])
+        torch.testing.assert_close(b.attention[0], beam.attention[i])
+
+
+def test_nbest_sorted_distinct_and_attention_rows() -> None:
+    model = make_lively_model("luong-lstm")
+    src, lens = make_src([6, 2, 4])
+    result = beam_search(model, src, lens, beam_size=5, nbest=5)
+    assert result.scores.shape == (3, 5)
+    assert torch.all(result.scores[:, :-1] >= result.scores[:, 1:])
+    assert torch.isfinite(result.scores).all()
+    for hyps, attn, n in zip(result.tokens, result.attention, lens.tolist(), strict=True):
+        assert len(hyps) == 5 and len({tuple(h) for h in hyps}) == 5
+        assert attn.shape == (len(hyps[0]) + 1, n)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(attn.size(0)))
+    best = beam_search(model, src, lens, beam_size=5, nbest=1)
+    assert [h[0] for h in result.tokens] == [h[0] for h in best.tokens]
+
+
+def test_max_length_honoured_exactly_per_sentence() -> None:
+    model = make_model(eos_bias=-1e4)  # EOS only when forced at the cap
+    src, lens = make_src([7, 4, 1])
+    caps = [math.ceil(1.3 * n + 2) for n in lens.tolist()]
+    assert max_output_lengths(lens, 1.3, 2).tolist() == caps == [12, 8, 4]
+    for result in (greedy_search(model, src, lens, max_len_ratio=1.3, max_len_offset=2),
+                   beam_search(model, src, lens, beam_size=3, nbest=3, max_len_ratio=1.3,
+                               max_len_offset=2)):
+        assert [[len(h) for h in hyps] for hyps in result.tokens] == [[c] * len(hyps) for c, hyps
+                                                                       in zip(caps, result.tokens,
+                                                                              strict=True)]
+        assert result.hit_max_len.tolist() == [True] * 3
+        assert [a.shape[0] for a in result.attention] == [c + 1 for c in caps]
+
+
+class _CountingModel(nn.Module):
+    """Wraps a Seq2Seq and counts `step` calls."""
+
+    def __init__(self, model: Seq2Seq) -> None:
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        return self.model.encode(src, src_lengths)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        return self.model.init_state(enc)
+
+    def step(self, state: DecoderState, prev: Tensor) -> tuple[Tensor, DecoderState, Tensor]:
+        self.calls += 1
+        return self.model.step(state, prev)
+
+
+def test_stop_at_eos_gives_empty_outputs() -> None:
+    model = _CountingModel(make_model(eos_bias=100.0))
+    src, lens = make_src([5, 2, 3])
+    # greedy stops after one step; beam (K = 5) after two: step 1 only finishes the one live
+    # hypothesis, step 2 finishes the other 4, each far better than any still alive.
+    for search, calls in ((greedy_search, 1), (partial(beam_search, length_penalty=0.0), 2),
+                          (beam_search, None)):
+        model.calls = 0
+        result = search(model, src, lens)  # type: ignore[operator]
+        assert calls is None or model.calls == calls
+        assert [h[0] for h in result.tokens] == [[], [], []]
+        assert result.hit_max_len.tolist() == [False] * 3
+        assert [tuple(a.shape) for a in result.attention] == [(1, 5), (1, 2), (1, 3)]
+        torch.testing.assert_close(result.scores, torch.zeros(3, 1), atol=1e-4, rtol=0)
+
+
+class _BigramModel(nn.Module):
+    """Scripted next-token distribution that depends only on the previous token."""
+
+    def __init__(self, table: dict[int, dict[int, float]]) -> None:
+        super().__init__()
+        probs = torch.full((V, V), 1e-9)
+        for prev, row in table.items():
+            for tok, p in row.items():
+                probs[prev, tok] = p
+        self.register_buffer("log_table", probs.log())
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        mask = torch.arange(src.size(1))[None] < src_lengths[:, None]
+        zeros = torch.zeros(src.size(0), 1)
+        return EncoderOutput(mask[..., None].float(), mask, zeros, None)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        return DecoderState(enc.hidden[None], None, enc.hidden, enc.outputs, enc.mask,
+                            enc.outputs)
+
+    def step(self, state: DecoderState, prev: Tensor) -> tuple[Tensor, DecoderState, Tensor]:
+        weights = state.mask.float() / state.mask.sum(-1, keepdim=True)
+        return self.log_table[prev], state, weights
+
+
+def test_beam_keeps_searching_after_the_top_beam_ends() -> None:
+    # After BOS: EOS 0.4, "4" 0.38, "5" 0.22; after 4: EOS 0.98; after 5: EOS 0.9, "5" 0.1.
+    model = _BigramModel({BOS_ID: {EOS_ID: 0.4, 4: 0.38, 5: 0.22}, 4: {EOS_ID: 0.98, 4: 0.02},
+                          5: {EOS_ID: 0.9, 5: 0.1}})
+    src, lens = make_src([3])
+    assert greedy_search(model, src, lens).tokens == [[[]]]  # type: ignore[arg-type]
+    plain = beam_search(model, src, lens, beam_size=2, nbest=2,  # type: ignore[arg-type]
+                        length_penalty=0.0)
+    assert plain.tokens == [[[], [4]]]  # the top beam ended first, the search went on
+    expected = torch.tensor([[math.log(0.4), math.log(0.38 * 0.98)]])
+    torch.testing.assert_close(plain.scores, expected)
+    penalised = beam_search(model, src, lens, beam_size=2, nbest=2,  # type: ignore[arg-type]
+                            length_penalty=1.0)
+    assert penalised.tokens == [[[4], []]]  # GNMT penalty (5 + 2) / 6 lifts the longer one
+    expected = torch.tensor([[math.log(0.38 * 0.98) / (7 / 6), math.log(0.4)]])
+    torch.testing.assert_close(penalised.scores, expected)
+
+
+def test_argument_errors_and_training_mode_restored() -> None:
+    model = make_model(dropout=0.5).train()
+    src, lens = make_src([4, 2])
+    with pytest.raises(ValueError, match=r"nbest: must be in \[1, beam_size=2\], got 3"):
+        beam_search(model, src, lens, beam_size=2, nbest=3)
+    with pytest.raises(ValueError, match="beam_size: must be >= 1"):
+        beam_search(model, src, lens, beam_size=0)
+    with pytest.raises(ValueError, match="max_len_ratio: must be > 0"):
+        greedy_search(model, src, lens, max_len_ratio=0.0)
+    with pytest.raises(ValueError, match="src_lengths: expected shape"):
+        greedy_search(model, src, lens[:1])
+    first, second = beam_search(model, src, lens), beam_search(model, src, lens)
+    assert first.tokens == second.tokens  # dropout off while searching
+    assert model.training
+
+
+def _reverse_task(n: int, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, list[list[int]]]:
+    src, lens = make_src(torch.randint(3, 8, (n,), generator=torch.Generator().manual_seed(
+        seed)).tolist(), seed)
+    targets = [row[:k][::-1] for row, k in zip(src.tolist(), lens.tolist(), strict=True)]
+    width = int(lens.max()) + 1
+    trg_in = torch.full((n, width), PAD_ID)
+    trg_out = torch.full((n, width), PAD_ID)
+    for i, ids in enumerate(targets):
+        trg_in[i, : len(ids) + 1] = torch.tensor([BOS_ID, *ids])
+        trg_out[i, : len(ids) + 1] = torch.tensor([*ids, EOS_ID])
+    return src, lens, trg_in, trg_out, targets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["luong-lstm", "bahdanau-gru-feeding"])
+def test_overfit_reverse_task_then_decode(name: str) -> None:
+    """Fast path and step loop both learn to reverse 32 sequences; both searches decode them."""
+    model = make_model(**{**CONFIGS[name], "emb_dim": 32, "hidden": 32}).train()
+    src, lens, trg_in, trg_out, targets = _reverse_task(32, seed=1)
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(80):
+        logits = model(src, lens, trg_in)
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), trg_out.flatten(),
+                                           ignore_index=PAD_ID)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert loss.item() < 0.05
+    greedy = greedy_search(model, src, lens)
+    beam = beam_search(model, src, lens, beam_size=3)
+    assert [h[0] for h in greedy.tokens] == targets
+    assert [h[0] for h in beam.tokens] == targets
