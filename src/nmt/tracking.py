@@ -1,0 +1,253 @@
+"""MLflow, in one place: tracking URI, runs, params, tags, artifacts and the run hand-off.
+
+Only this module (and the Lightning `MLFlowLogger` it builds) talks to MLflow.
+
+Tracking URI: the `MLFLOW_TRACKING_URI` environment variable, else `tracking.tracking_uri` from
+params. A relative SQLite path (`sqlite:///mlflow.db`) is resolved against the repository root,
+and new experiments store artifacts under `<repo>/mlruns/<experiment>`, so neither depends on the
+working directory. An http(s) server must answer within `CONNECT_TIMEOUT_S` before anything is
+trained (`TrackingError` otherwise).
+
+Run hand-off: the train stage writes `models/run.json` (run id, experiment id, tracking URI,
+experiment name); `open_run(run_json)` reopens that run so evaluate/export log into it too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from nmt.config import Params, TrackingConfig, flatten
+from nmt.io import write_json
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0  # an http tracking server must answer /health within this
+ENV_URI = "MLFLOW_TRACKING_URI"
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used; nothing was trained."""
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Enough to find a run again (the content of `models/run.json`)."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    experiment: str
+
+
+# --------------------------------------------------------------------------- store and runs
+def resolve_tracking_uri(cfg: TrackingConfig, repo_root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` or `tracking.tracking_uri`, relative SQLite paths made absolute."""
+    uri = os.environ.get(ENV_URI) or cfg.tracking_uri
+    match = re.fullmatch(r"sqlite:///(?!/)(.+)", uri)
+    if match:
+        uri = f"sqlite:///{(Path(repo_root).resolve() / match.group(1)).as_posix()}"
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast on an http(s) store that does not answer; make the SQLite file's folder."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            pass  # the server answered, just not on /health
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(
+                f"MLflow tracking server {uri} did not answer within {timeout_s:.0f} s ({exc}); "
+                f"start it, or point {ENV_URI} / tracking.tracking_uri at a reachable store"
+            ) from exc
+    elif uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _experiment_id(client: MlflowClient, name: str, repo_root: Path, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "deleted":
+        return exp.experiment_id
+    location = None
+    if not uri.startswith(("http://", "https://", "databricks")):
+        location = (Path(repo_root).resolve() / "mlruns" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit(repo_root: Path) -> str | None:
+    """`git rev-parse HEAD`, or None without git or commits."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True,
+                             text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def data_version(repo_root: Path, data_dir: Path) -> str | None:
+    """md5 that `dvc.lock` records for the `data_dir` output, if any stage lists it."""
+    lock = Path(repo_root) / "dvc.lock"
+    try:
+        rel = Path(data_dir).resolve().relative_to(Path(repo_root).resolve()).as_posix()
+        stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages", {})
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if str(out.get("path", "")).rstrip("/") == rel:
+                return out.get("md5")
+    return None
+
+
+def run_tags(repo_root: Path, data_dir: Path, extra: Mapping[str, str] | None = None) -> dict:
+    """Git commit, data version, DVC experiment name/baseline, plus `extra`."""
+    commit = git_commit(repo_root)
+    tags = {"mlflow.source.git.commit": commit, "git_commit": commit,
+            "data_version": data_version(repo_root, data_dir),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME"),
+            "dvc_exp_baseline_rev": os.environ.get("DVC_EXP_BASELINE_REV"), **(extra or {})}
+    if tags["dvc_exp_name"]:
+        tags["mlflow.runName"] = tags["dvc_exp_name"]
+    return {k: str(v) for k, v in tags.items() if v}
+
+
+def start_run(params: Params, repo_root: Path, tags: Mapping[str, str]) -> RunRef:
+    """Create a RUNNING run in the params' experiment and log every param by dotted key."""
+    uri = resolve_tracking_uri(params.tracking, repo_root)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    try:
+        exp_id = _experiment_id(client, params.tracking.experiment, repo_root, uri)
+        run = client.create_run(exp_id, tags=dict(tags))
+        items = [Param(k, str(v)) for k, v in flatten(params)]
+        for start in range(0, len(items), 100):
+            client.log_batch(run.info.run_id, params=items[start : start + 100])
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"cannot use MLflow store {uri}: {exc}") from exc
+    log.info("MLflow run %s in experiment %r at %s", run.info.run_id,
+             params.tracking.experiment, uri)
+    return RunRef(run.info.run_id, exp_id, uri, params.tracking.experiment)
+
+
+def run_status(ref: RunRef) -> str:
+    return MlflowClient(ref.tracking_uri).get_run(ref.run_id).info.status
+
+
+def end_run(ref: RunRef, status: str) -> None:
+    """Set a terminal status: FINISHED, FAILED or KILLED."""
+    assert status in TERMINAL, status
+    MlflowClient(ref.tracking_uri).set_terminated(ref.run_id, status)
+
+
+def kill_if_running(ref: RunRef) -> bool:
+    """Mark a run left RUNNING by a killed process as KILLED; True if it was changed."""
+    try:
+        if run_status(ref) != RunStatus.to_string(RunStatus.RUNNING):
+            return False
+    except mlflow.exceptions.MlflowException:
+        return False  # deleted, or another store
+    end_run(ref, "KILLED")
+    return True
+
+
+# ------------------------------------------------------------------------------ logging
+def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:
+    client = MlflowClient(ref.tracking_uri)
+    client.log_batch(ref.run_id, metrics=[Metric(k, float(v), 0, step)
+                                          for k, v in metrics.items()])
+
+
+def set_tags(ref: RunRef, tags: Mapping[str, str]) -> None:
+    client = MlflowClient(ref.tracking_uri)
+    for key, value in tags.items():
+        client.set_tag(ref.run_id, key, str(value))
+
+
+def log_artifact(ref: RunRef, path: Path, artifact_path: str | None = None) -> None:
+    """Log a file or a whole folder."""
+    client = MlflowClient(ref.tracking_uri)
+    if Path(path).is_dir():
+        client.log_artifacts(ref.run_id, str(path), artifact_path)
+    else:
+        client.log_artifact(ref.run_id, str(path), artifact_path)
+
+
+def log_text(ref: RunRef, text: str, artifact_file: str) -> None:
+    MlflowClient(ref.tracking_uri).log_text(ref.run_id, text, artifact_file)
+
+
+def lightning_logger(ref: RunRef) -> MLFlowLogger:
+    """A Lightning logger writing metrics into `ref`; it leaves the run status to `end_run`."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    class _RunLogger(MLFlowLogger):
+        def finalize(self, status: str = "success") -> None:
+            """The caller ends the run after logging artifacts (see `end_run`)."""
+
+    return _RunLogger(experiment_name=ref.experiment, tracking_uri=ref.tracking_uri,
+                      run_id=ref.run_id, log_model=False)
+
+
+# ----------------------------------------------------------------------------- hand-off
+def write_run_json(path: Path, ref: RunRef) -> None:
+    write_json(path, asdict(ref))
+
+
+def read_run_json(path: Path) -> RunRef:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return RunRef(**{k: str(data[k]) for k in ("run_id", "experiment_id", "tracking_uri",
+                                               "experiment")})
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """An open run (also MLflow's active run, so `mlflow.<flavor>.log_model` logs into it)."""
+
+    ref: RunRef
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        log_metrics(self.ref, metrics, step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        set_tags(self.ref, tags)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        log_artifact(self.ref, path, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        log_text(self.ref, text, artifact_file)
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        MlflowClient(self.ref.tracking_uri).log_dict(self.ref.run_id, data, artifact_file)
+
+
+@contextmanager
+def open_run(run_json: Path) -> Iterator[RunHandle]:
+    """Reopen the run recorded in `run_json`; FINISHED on exit, FAILED on an exception."""
+    ref = read_run_json(run_json)
+    check_reachable(ref.tracking_uri)
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    with mlflow.start_run(run_id=ref.run_id):
+        yield RunHandle(ref)
