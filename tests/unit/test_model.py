@@ -109,6 +109,16 @@ def test_packed_encoder_ignores_padding(rnn: str) -> None:
                                model(alone_src, alone_len, trg_in[1:2]))
 
 
+@pytest.mark.parametrize("rnn", ["lstm", "gru"])
+def test_unpacked_encoder_equals_packed_without_padding(rnn: str) -> None:
+    model = make_model(rnn=rnn, enc_layers=2)
+    src, lengths, _ = make_batch()
+    full = torch.full((3,), 7)
+    packed, plain = model.encode(src, full), model.encode(src, full, pack=False)
+    for a, b in zip(packed, plain, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_shape_and_dtype_errors_name_the_argument() -> None:
     model = make_model()
     src, lengths, trg_in = make_batch()

@@ -85,21 +85,27 @@ class Encoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.rnn = make_rnn(rnn, emb_dim, hidden, layers, dropout, bidirectional)
 
-    def forward(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+    def forward(self, src: Tensor, src_lengths: Tensor, pack: bool = True) -> EncoderOutput:
         """Encode a padded batch.
 
         Args:
             src: token ids, shape (B, S), padded with PAD_ID after each sentence.
             src_lengths: real lengths, shape (B,), each in [1, S].
+            pack: run the RNN on a packed sequence (exact for any padding). False runs it on
+                the padded tensor, which torch.export can trace but which is exact only when
+                no sentence is padded (every length == S, e.g. one sentence at a time).
         Returns:
             EncoderOutput with outputs (B, S, H_enc), mask (B, S), final hidden/cell (B, H_enc).
         """
         seq_len = src.size(1)
         emb = self.dropout(self.embedding(src))  # (B, S, E)
-        packed = pack_padded_sequence(emb, src_lengths.cpu(), batch_first=True,
-                                      enforce_sorted=False)
-        packed_out, state = self.rnn(packed)
-        outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=seq_len)
+        if pack:
+            packed = pack_padded_sequence(emb, src_lengths.cpu(), batch_first=True,
+                                          enforce_sorted=False)
+            packed_out, state = self.rnn(packed)
+            outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=seq_len)
+        else:
+            outputs, state = self.rnn(emb)  # (B, S, H_enc)
         hidden, cell = state if isinstance(state, tuple) else (state, None)
         positions = torch.arange(seq_len, device=src.device)
         mask = positions[None, :] < src_lengths[:, None]  # (B, S)

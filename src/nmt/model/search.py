@@ -19,7 +19,7 @@ normalised score); the K best non-EOS candidates stay alive, so the beam never s
 sentence is done when its pool holds K hypotheses and the worst of them is at least as good as
 any alive hypothesis could still become: log probs only decrease and the length penalty only
 grows, so the best alive raw score divided by the penalty at the length cap is an upper bound.
-Or when its length cap is reached. The search stops when every sentence is done; the top beam
+It is also done at its length cap. The search stops when every sentence is done; the top beam
 ending alone never stops a sentence. With K = 1 and length_penalty = 0 this is exactly greedy
 search (same tokens and scores); with a length penalty, K = 1 may keep searching after EOS.
 """

@@ -30,12 +30,14 @@ class Seq2Seq(nn.Module):
     def trg_vocab_size(self) -> int:
         return self.decoder.embedding.num_embeddings
 
-    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+    def encode(self, src: Tensor, src_lengths: Tensor, pack: bool = True) -> EncoderOutput:
         """Encode a padded source batch.
 
         Args:
             src: token ids, shape (B, S), long, PAD_ID after each sentence.
             src_lengths: real lengths, shape (B,), long, each in [1, S].
+            pack: False skips packing so torch.export can trace the encoder; then it is exact
+                only for batches without padding (see `Encoder.forward`).
         Returns:
             EncoderOutput: outputs (B, S, H_enc), mask (B, S), final hidden/cell (B, H_enc).
         """
@@ -47,7 +49,7 @@ class Seq2Seq(nn.Module):
             if low < 1 or high > src.size(1):
                 raise ValueError(f"src_lengths: expected values in [1, {src.size(1)}] "
                                  f"(S of src), got min {low}, max {high}")
-        return self.encoder(src, src_lengths)
+        return self.encoder(src, src_lengths, pack=pack)
 
     def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
         """Initial decoder state (rows B) from the encoder output."""
