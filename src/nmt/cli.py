@@ -2,6 +2,7 @@
 
     nmt params [--profile FILE]        check params.yaml (+ profile) and print the dotted keys
     nmt stats                          print the corpus/split statistics of the last vectorize run
+    nmt translate [SENTENCE ...]       translate English (arguments, or lines on stdin)
 
 Each subcommand is a plain function taking parsed arguments and returning an exit code, so tests
 call them directly. Later stages register more subcommands in `build_parser`.
@@ -47,6 +48,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_translate(args: argparse.Namespace) -> int:
+    """Translate sentences given as arguments, or stdin lines (no arguments or `-`)."""
+    from nmt.serving import ModelNotFoundError, open_translator  # torch/mlflow: import late
+    from nmt.tracking import resolve_tracking_uri
+
+    sentences = list(args.sentences)
+    if not sentences or sentences == ["-"]:
+        if sys.stdin is None or (not sentences and sys.stdin.isatty()):
+            print("error: give sentences as arguments or pipe lines on stdin", file=sys.stderr)
+            return 1
+        sentences = [line.rstrip("\r\n") for line in sys.stdin]
+    try:
+        params = load_params(args.params)
+        uri = resolve_tracking_uri(params.tracking, args.params.resolve().parent)
+        model = args.model or f"models:/{params.export.registered_model}@champion"
+        results = open_translator(model, uri)(sentences, args.beam, args.nbest, args.batch_size)
+    except (ConfigError, ModelNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for i, r in enumerate(results):
+        if args.nbest in (None, 1):
+            print(r.translation)
+        else:
+            print("\n".join(f"{i}\t{h.score:.4f}\t{h.translation}" for h in r.nbest))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="nmt", description=__doc__,
@@ -59,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="print the last vectorize statistics")
     p.add_argument("--stats", type=Path, default=Path("reports/vectorize/stats.json"))
     p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("translate", help="translate English sentences (args or stdin lines)")
+    p.add_argument("sentences", nargs="*", help="English sentences; none or '-': read stdin")
+    p.add_argument("--model", default=None, help="model folder, runs:/..., models:/NAME@ALIAS "
+                   "(default: models:/<export.registered_model>@champion)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"))
+    p.add_argument("--beam", type=int, default=None, help="beam size, 1 = greedy "
+                   "(default: evaluate.search.beam_size)")
+    p.add_argument("--nbest", type=int, default=None, help="hypotheses per sentence, printed as "
+                   "INDEX<TAB>SCORE<TAB>TEXT when > 1")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.set_defaults(func=cmd_translate)
     return parser
 
 

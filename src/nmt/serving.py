@@ -1,0 +1,257 @@
+"""The MLflow pyfunc translator (models-from-code) and what the CLI needs to use a model.
+
+The logged model holds no pickle: `model_code()` is the models-from-code file (it only calls
+`set_model(TranslatorModel())`), the `nmt` package travels in `code/`, and `load_context` reads
+only `weights.safetensors`, `serving.json`, the tokenizer files (sentencepiece / JSON) and ships
+`ATTRIBUTION.md` (CC-BY 2.0 corpus notice) as an artifact.
+
+Request contract (`predict`, and `POST /invocations` of `mlflow models serve`):
+- input: English sentences, a list of strings (REST: `{"inputs": [...]}`), or a DataFrame whose
+  first (only) column holds them;
+- params (all optional): `beam_size` (1 = greedy, <= MAX_BEAM), `nbest` (<= beam_size),
+  `batch_size` (sentences decoded together, <= MAX_SENTENCES);
+- output: per sentence `{"translation", "score", "truncated", "nbest": [{"translation",
+  "score"}, ...]}`, best first;
+- rejected with HTTP 400 / `MlflowException`: non-string values, empty or blank strings, more
+  than MAX_SENTENCES sentences per request, more than MAX_CHARS characters in one sentence,
+  out-of-range params. Sentences longer than the model's `max_src_tokens` pieces are truncated
+  (`truncated: true`, and a warning in the server log), as in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import PythonModel
+
+log = logging.getLogger(__name__)
+
+PYFUNC_NAME = "translator"  # LoggedModel name inside the training run
+MAX_SENTENCES = 256  # per request; split bigger batches
+MAX_CHARS = 1000  # per sentence; the corpus has none above 400 (validate.max_chars)
+MAX_BEAM = 16
+WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "attribution"
+
+
+class Hypothesis(pydantic.BaseModel):
+    """One translation with its search score (length-normalised log probability for beam)."""
+
+    translation: str
+    score: float
+
+
+class TranslationOutput(pydantic.BaseModel):
+    """The best translation of one sentence plus its n-best list (best first)."""
+
+    translation: str
+    score: float
+    truncated: bool
+    nbest: list[Hypothesis]
+
+
+def model_code() -> str:
+    """Source of the models-from-code file logged with the model."""
+    return ('"""MLflow models-from-code entry point: nmt.serving.TranslatorModel."""\n'
+            "from mlflow.models import set_model\n\n"
+            "from nmt.serving import TranslatorModel\n\n"
+            "set_model(TranslatorModel())\n")
+
+
+def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Path, search: Any,
+                    max_src_tokens: int, attribution: Path) -> dict[str, str]:
+    """Write weights (safetensors), config JSON, tokenizers and attribution; return the mapping.
+
+    `model` is a `Seq2Seq` built from `model_cfg` (`ModelConfig`), `search` a `SearchConfig`;
+    the JSON records everything `build_model` and `Translator` need.
+    """
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "weights.safetensors"))  # tied weights are stored once
+    config = {"model": asdict(model_cfg), "src_vocab_size": model.src_vocab_size,
+              "trg_vocab_size": model.trg_vocab_size, "search": asdict(search),
+              "max_src_tokens": max_src_tokens}
+    (folder / "serving.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n",
+                                         encoding="utf-8")
+    shutil.copytree(tokenizers_dir, folder / "tokenizers")
+    shutil.copy2(attribution, folder / "ATTRIBUTION.md")
+    return {WEIGHTS: str(folder / "weights.safetensors"), CONFIG: str(folder / "serving.json"),
+            TOKENIZERS: str(folder / "tokenizers"), ATTRIBUTION: str(folder / "ATTRIBUTION.md")}
+
+
+def _bad_request(message: str) -> MlflowException:
+    return MlflowException.invalid_parameter_value(message)  # HTTP 400 in the scoring server
+
+
+def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: int) -> None:
+    """Raise MlflowException (400) when a request is outside the contract above."""
+    if len(sentences) > MAX_SENTENCES:
+        raise _bad_request(f"{len(sentences)} sentences in one request; the limit is "
+                           f"{MAX_SENTENCES}: split the batch")
+    for i, text in enumerate(sentences):
+        if not isinstance(text, str):
+            raise _bad_request(f"input {i}: expected a string, got {type(text).__name__}")
+        if not text.strip():
+            raise _bad_request(f"input {i}: empty sentence; send non-empty English text")
+        if len(text) > MAX_CHARS:
+            raise _bad_request(f"input {i}: {len(text)} characters; the limit is {MAX_CHARS} "
+                               "per sentence (this model translates single sentences)")
+    if not 1 <= beam_size <= MAX_BEAM:
+        raise _bad_request(f"params.beam_size: must be in [1, {MAX_BEAM}], got {beam_size}")
+    if not 1 <= nbest <= beam_size:
+        raise _bad_request(f"params.nbest: must be in [1, beam_size={beam_size}], got {nbest}")
+    if not 1 <= batch_size <= MAX_SENTENCES:
+        raise _bad_request(f"params.batch_size: must be in [1, {MAX_SENTENCES}], "
+                           f"got {batch_size}")
+
+
+class TranslatorModel(PythonModel):
+    """pyfunc wrapper around `nmt.translator.Translator`."""
+
+    def load_context(self, context: Any) -> None:
+        """Build the model from safetensors + JSON and the tokenizers; no unpickling."""
+        from safetensors.torch import load_model
+
+        from nmt.config import ModelConfig, SearchConfig
+        from nmt.data.vocab import load_tokenizers
+        from nmt.model import build_model
+        from nmt.translator import Translator
+
+        config = json.loads(Path(context.artifacts[CONFIG]).read_text(encoding="utf-8"))
+        model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
+                            config["trg_vocab_size"])
+        load_model(model, context.artifacts[WEIGHTS])
+        src_tok, trg_tok = load_tokenizers(context.artifacts[TOKENIZERS])
+        self.translator = Translator(model.eval(), src_tok, trg_tok,
+                                     SearchConfig(**config["search"]), config["max_src_tokens"])
+
+    def predict(self, model_input: list[str], params: dict[str, Any] | None = None
+                ) -> list[TranslationOutput]:
+        """Translate English sentences; see the module docstring for the contract."""
+        search = self.translator.search
+        params = params or {}
+        beam = int(params.get("beam_size", search.beam_size))
+        nbest = int(params.get("nbest", 1))
+        batch = int(params.get("batch_size", search.batch_size))
+        sentences = list(model_input)
+        check_request(sentences, beam, nbest, batch)
+        results = self.translator.translate(sentences, beam_size=beam, nbest=nbest,
+                                            batch_size=batch)
+        return [to_output(r) for r in results]
+
+
+def to_output(result: Any) -> TranslationOutput:
+    """`nmt.translator.Translation` -> TranslationOutput (hypotheses with -inf scores dropped)."""
+    return TranslationOutput(
+        translation=result.text, score=result.scores[0], truncated=result.truncated,
+        nbest=[Hypothesis(translation=h, score=s)
+               for h, s in zip(result.hypotheses, result.scores, strict=True) if math.isfinite(s)])
+
+
+# ------------------------------------------------------------------------- CLI model loading
+class ModelNotFoundError(LookupError):
+    """The model reference points at nothing; the message says which command creates it."""
+
+
+# (sentences, beam_size, nbest, batch_size) -> one output per sentence; None = model default
+TranslateFn = Callable[[list[str], int | None, int | None, int | None], list[TranslationOutput]]
+
+
+def is_model_uri(ref: str) -> bool:
+    """`models:/...`, `runs:/...` or any scheme://... (anything else is a local path)."""
+    return ref.startswith(("models:/", "runs:/")) or "://" in ref
+
+
+def open_translator(ref: str, tracking_uri: str) -> TranslateFn:
+    """A translate function for a local model dir, a local pyfunc dir or an MLflow model URI.
+
+    Local train-stage folders (`model.pt`) use `Translator` directly; everything else is loaded
+    as the pyfunc. Empty sentences translate to "" without reaching the model.
+    Raises ModelNotFoundError naming the command that creates the missing model.
+    """
+    if not is_model_uri(ref):
+        path = Path(ref)
+        if (path / "MLmodel").is_file():
+            return _pyfunc_translate(_load_pyfunc(str(path)))
+        if (path / "model.pt").is_file():
+            return _local_translate(path)
+        raise ModelNotFoundError(f"no model folder at {path}: create one with `dvc repro train` "
+                                 "(or `dvc repro` for the whole pipeline)")
+    _check_store(tracking_uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if ref.startswith("models:/") and "@" in ref:
+        name, alias = ref.removeprefix("models:/").split("@", 1)
+        try:
+            mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            raise ModelNotFoundError(
+                f"no version of registered model {name!r} has alias {alias!r} in {tracking_uri}: "
+                "create one with `dvc repro export` (or `dvc repro` for the whole pipeline)"
+            ) from exc
+    return _pyfunc_translate(_load_pyfunc(ref))
+
+
+def _check_store(tracking_uri: str) -> None:
+    """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise ModelNotFoundError(f"no MLflow store at {db}: run `dvc repro` (train ... "
+                                     "export) first, or set MLFLOW_TRACKING_URI")
+
+
+def _load_pyfunc(ref: str) -> Any:
+    import mlflow
+
+    try:
+        return mlflow.pyfunc.load_model(ref)
+    except (MlflowException, OSError) as exc:
+        raise ModelNotFoundError(f"cannot load {ref}: {exc}; `dvc repro export` registers the "
+                                 "project's model") from exc
+
+
+def _local_translate(model_dir: Path) -> TranslateFn:
+    from nmt.translator import Translator
+
+    translator = Translator.from_model_dir(model_dir)
+
+    def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
+                  batch_size: int | None) -> list[TranslationOutput]:
+        return [to_output(r) for r in translator.translate(sentences, beam_size, nbest,
+                                                           batch_size)]
+
+    return translate
+
+
+def _pyfunc_translate(model: Any) -> TranslateFn:
+    def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
+                  batch_size: int | None) -> list[TranslationOutput]:
+        params = {k: v for k, v in (("beam_size", beam_size), ("nbest", nbest),
+                                    ("batch_size", batch_size)) if v is not None}
+        keep = [i for i, s in enumerate(sentences) if s.strip()]
+        n = nbest or 1
+        out = [TranslationOutput(translation="", score=0.0, truncated=False,
+                                 nbest=[Hypothesis(translation="", score=0.0)] * n)
+               for _ in sentences]
+        if keep:
+            try:
+                results = model.predict([sentences[i] for i in keep], params=params)
+            except MlflowException as exc:  # a request outside the contract
+                raise ValueError(exc.message) from exc
+            for i, r in zip(keep, results, strict=True):
+                out[i] = TranslationOutput.model_validate(
+                    r.model_dump() if hasattr(r, "model_dump") else r)
+        return out
+
+    return translate

@@ -1,0 +1,148 @@
+"""`mlflow models serve` on the champion of the session's export, over 127.0.0.1 only.
+
+One server for the module (started in a subprocess group, killed in a finally). Each bad request
+must get a 4xx with a message, and a good request must still succeed right after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_export_registry import NAME, export_once
+
+from conftest import REPO
+from nmt.serving import MAX_CHARS, MAX_SENTENCES
+
+pytestmark = pytest.mark.slow
+START_TIMEOUT_S = 240  # the server imports torch, lightning and mlflow on a shared 2-core CPU
+GOOD = ["Be nice.", "Drop it!", "Get out!"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: bytes | dict, timeout: float = 120) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=data, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"server not ready after {timeout_s} s")
+
+
+def start_server(uri: str, model: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow_bin), "models", "serve", "-m", model, "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_path.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (mlflow + uvicorn child), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_trained: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    paths = export_once(tiny_trained, tmp_path_factory)
+    log_path = tmp_path_factory.mktemp("serve") / "server.log"
+    proc, url = start_server(paths["uri"], f"models:/{NAME}@champion", log_path)
+    try:
+        wait_ready(url, proc, START_TIMEOUT_S)
+        yield url
+    except AssertionError:
+        print(log_path.read_text(errors="replace")[-4000:])
+        raise
+    finally:
+        stop_server(proc)
+
+
+def assert_good(url: str) -> None:
+    status, body = post(url, {"inputs": GOOD})
+    assert status == 200, body
+    predictions = body["predictions"]
+    assert len(predictions) == len(GOOD)
+    assert all(isinstance(p["translation"], str) and p["translation"] for p in predictions)
+
+
+def test_tutorial_examples(server: str) -> None:
+    assert_good(server)
+    status, body = post(server, {"inputs": ["Be nice."], "params": {"beam_size": 2, "nbest": 2}})
+    assert status == 200
+    hyps = body["predictions"][0]["nbest"]
+    assert len(hyps) == 2 and hyps[0]["score"] >= hyps[1]["score"]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    (b'{"inputs": ["Be nice.",', "JSON"),
+    ({"inputs": [1, 2]}, "Expected type str"),
+    ({"inputs": ["Be nice.", None]}, "Expected type str"),
+    ({"inputs": [""]}, "empty sentence"),
+    ({"inputs": ["x" * 10_000]}, f"the limit is {MAX_CHARS}"),
+    ({"inputs": ["Go."] * 1000}, f"the limit is {MAX_SENTENCES}"),
+    ({"inputs": ["Go."], "params": {"beam_size": 100}}, "beam_size"),
+    ({"text": ["Go."]}, "inputs"),
+])
+def test_bad_requests_get_4xx_and_server_keeps_serving(server: str, body: bytes | dict,
+                                                       message: str) -> None:
+    status, reply = post(server, body)
+    assert 400 <= status < 500, reply
+    assert message in reply.get("message", ""), reply
+    assert_good(server)
+
+
+def test_long_sentence_under_the_char_limit_is_truncated(server: str) -> None:
+    status, body = post(server, {"inputs": ["I am here. " * 80],  # 880 characters
+                                 "params": {"beam_size": 1}})
+    assert status == 200 and body["predictions"][0]["truncated"] is True
+
+
+def test_latency_bench_against_the_server(server: str) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "bench/serve_latency.py"), "--url", server,
+                          "--requests", "5", "--batches", "2", "--batch-size", "8",
+                          "--max-seconds", "60"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["single"]["requests"] == 5 and report["single"]["p50_ms"] > 0
+    assert report["batched"]["sentences_per_s"] > 0

@@ -1,0 +1,86 @@
+"""`nmt translate`: arguments, stdin, model references (folder, runs:/, models:/), errors."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import mlflow
+import pytest
+from test_export_registry import NAME, export_once
+
+from conftest import tiny_raw, write_params
+from nmt import cli
+
+
+@pytest.fixture()
+def exported(tiny_trained: dict, tmp_path_factory: pytest.TempPathFactory,
+             monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    paths = export_once(tiny_trained, tmp_path_factory)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", paths["uri"])
+    yield paths
+    mlflow.set_tracking_uri(None)  # the CLI sets it; leave MLflow as other tests expect
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, list[str], str]:
+    rc = cli.main(["translate", *argv])
+    out, err = capsys.readouterr()
+    return rc, out.splitlines(), err
+
+
+def test_arguments_with_the_default_champion(exported: dict, capsys) -> None:
+    rc, lines, err = run(capsys, "--params", exported["params"], "Be nice.", "Get out!")
+    assert rc == 0, err
+    assert len(lines) == 2 and all(lines)
+
+
+def test_stdin_lines_keep_empty_lines(exported: dict, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Drop it!\n\nGo.\n"))
+    rc, lines, err = run(capsys, "--params", exported["params"], "-")
+    assert rc == 0, err
+    assert len(lines) == 3 and lines[0] and lines[1] == "" and lines[2]
+
+
+def test_local_model_dir_with_nbest(exported: dict, capsys) -> None:
+    rc, lines, err = run(capsys, "--params", exported["params"], "--model", exported["model_dir"],
+                         "--beam", "2", "--nbest", "2", "--batch-size", "1", "Go.", "Who?")
+    assert rc == 0, err
+    assert [line.split("\t")[0] for line in lines] == ["0", "0", "1", "1"]
+    scores = [float(line.split("\t")[1]) for line in lines]
+    assert scores[0] >= scores[1] and scores[2] >= scores[3]
+
+
+def test_runs_uri(exported: dict, capsys) -> None:
+    rc, lines, err = run(capsys, "--params", exported["params"], "--model",
+                         f"runs:/{exported['run_id']}/translator", "--beam", "1", "Be nice.")
+    assert rc == 0, err
+    assert len(lines) == 1 and lines[0]
+
+
+def test_missing_model_folder(exported: dict, capsys, tmp_path) -> None:
+    rc, lines, err = run(capsys, "--params", exported["params"], "--model",
+                         str(tmp_path / "nothing"), "Go.")
+    assert rc == 1 and lines == []
+    assert "dvc repro train" in err
+
+
+def test_empty_registry_names_the_command(exported: dict, capsys, tmp_path) -> None:
+    params = write_params(tmp_path / "params.yaml", tiny_raw(
+        tracking={"tracking_uri": exported["uri"]}, export={"registered_model": "no-such"}))
+    rc, _, err = run(capsys, "--params", str(params), "Go.")
+    assert rc == 1
+    assert "no-such" in err and "dvc repro export" in err
+
+
+def test_missing_store_is_not_created(exported: dict, capsys, tmp_path, monkeypatch) -> None:
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    rc, _, err = run(capsys, "--params", exported["params"], "Go.")
+    assert rc == 1 and "dvc repro" in err
+    assert not db.exists()
+
+
+def test_request_outside_the_contract_is_an_error(exported: dict, capsys) -> None:
+    rc, _, err = run(capsys, "--params", exported["params"], "--beam", "0", "Go.")
+    assert rc == 1 and "beam_size" in err
+    assert NAME

@@ -1,0 +1,116 @@
+"""Export pieces without MLflow: runner normalisation, promotion rule, request limits, pins, and
+parity of the portable export on a random model (GRU, 2 layers, Bahdanau + input feeding)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from nmt import export_runner
+from nmt.config import ModelConfig, SearchConfig
+from nmt.data import corpus
+from nmt.data.vocab import CharTokenizer, save_tokenizers
+from nmt.export import RUNNER_FILE, check_parity, decide_promotion, pip_requirements, write_portable
+from nmt.model import build_model
+from nmt.serving import MAX_CHARS, MAX_SENTENCES, check_request
+from nmt.translator import Translator
+
+REPO = Path(__file__).resolve().parents[2]
+SENTENCES = ["Be nice.", "Drop it!", "Get out!", "I am here.", "Go.", "Tom ate an apple today.",
+             "", "Who?"]
+
+
+def test_runner_normalize_matches_corpus() -> None:
+    assert export_runner._SPACE_LIKE == corpus._SPACE_LIKE
+    assert export_runner._INVISIBLE == corpus._INVISIBLE
+    assert export_runner._WHITESPACE.pattern == corpus._WHITESPACE.pattern
+    for text in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
+        assert export_runner.normalize(text) == corpus.normalize(text)
+
+
+@pytest.mark.parametrize(("new", "champion", "margin", "promote"), [
+    (10.0, None, 0.5, True),     # first version
+    (10.0, 10.0, 0.5, False),    # equal: not better by the margin
+    (10.4, 10.0, 0.5, False),    # better, but by less than the margin
+    (10.5, 10.0, 0.5, True),     # better by exactly the margin
+    (9.0, 10.0, 0.0, False),     # worse never wins
+    (10.0, 10.0, 0.0, True),     # margin 0: ties go to the newer model
+])
+def test_decide_promotion(new: float, champion: float | None, margin: float,
+                          promote: bool) -> None:
+    assert decide_promotion(new, champion, margin)[0] is promote
+
+
+def test_pip_requirements_are_exact_pins() -> None:
+    pins = dict(line.split("==") for line in pip_requirements())
+    assert pins["torch"] == metadata.version("torch").split("+")[0] == "2.13.0"
+    assert {"mlflow", "sentencepiece", "safetensors", "lightning"} <= set(pins)
+    assert all(v and "+" not in v for v in pins.values())
+
+
+@pytest.mark.parametrize(("sentences", "params", "message"), [
+    (["a"] * (MAX_SENTENCES + 1), {}, "split the batch"),
+    (["ok", "  "], {}, "input 1: empty"),
+    (["x" * (MAX_CHARS + 1)], {}, "characters"),
+    (["ok", 3], {}, "expected a string"),
+    (["ok"], {"beam_size": 0}, "beam_size"),
+    (["ok"], {"beam_size": 2, "nbest": 3}, "nbest"),
+    (["ok"], {"batch_size": 0}, "batch_size"),
+])
+def test_check_request_rejects(sentences: list, params: dict, message: str) -> None:
+    args = {"beam_size": 2, "nbest": 1, "batch_size": 8} | params
+    with pytest.raises(MlflowException, match=message) as info:
+        check_request(sentences, **args)
+    assert info.value.get_http_status_code() == 400
+
+
+def test_check_request_accepts_limits() -> None:
+    check_request(["x" * MAX_CHARS] * MAX_SENTENCES, beam_size=16, nbest=16, batch_size=256)
+
+
+@pytest.fixture(scope="module")
+def random_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A random GRU model with char tokenizers, exported once."""
+    root = tmp_path_factory.mktemp("random_export")
+    src_tok = CharTokenizer.train(SENTENCES)
+    trg_tok = CharTokenizer.train(["Sois gentil.", "Laisse tomber !", "Dehors !"])
+    save_tokenizers(root / "model" / "tokenizers", src_tok, trg_tok)
+    cfg = ModelConfig(rnn="gru", emb_dim=8, hidden=8, enc_layers=2, dec_layers=2,
+                      bidirectional=True, attention="bahdanau", input_feeding=True, dropout=0.1,
+                      tie_embeddings=False)
+    torch.manual_seed(0)
+    model = build_model(cfg, src_tok.vocab_size, trg_tok.vocab_size).eval()
+    search = SearchConfig(beam_size=3, length_penalty=0.6, max_len_ratio=1.0, max_len_offset=4,
+                          nbest=1, batch_size=3)
+    translator = Translator(model, src_tok, trg_tok, search, max_src_tokens=12)
+    write_portable(model, root / "model", search, 12, REPO / "data/external/ATTRIBUTION.md",
+                   root / "export")
+    return {"translator": translator, "dir": root / "export"}
+
+
+def test_portable_export_matches_eager(random_export: dict) -> None:
+    report = check_parity(random_export["translator"], random_export["dir"], SENTENCES)
+    assert report.passed, report.examples
+    assert (report.sentences, report.beam_size) == (len(SENTENCES), 3)
+    assert report.max_score_diff < 1e-3
+
+
+def test_portable_runner_runs_without_nmt(random_export: dict) -> None:
+    """The copied runner translates in a process where `import nmt` fails."""
+    code = ("import runpy, sys; sys.modules['nmt'] = None; "
+            f"sys.argv = ['{RUNNER_FILE}', '--nbest', '2', '--beam', '3', 'Go.', 'Who?']; "
+            f"runpy.run_path('{RUNNER_FILE}', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=random_export["dir"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["0", "0", "1", "1"]
+    assert sorted(p.name for p in random_export["dir"].iterdir()) == [
+        "ATTRIBUTION.md", "decoder_step.pt2", "encoder.pt2", "runner.json", "tokenizers",
+        "translate.py"]
