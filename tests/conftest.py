@@ -82,3 +82,43 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                            "--out-dir", str(paths["processed"]),
                            "--stats", str(paths["reports"] / "vectorize/stats.json")]) == 0
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny_trained: the train stage run once per session on `tiny_data` (evaluate and export reuse it)
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_data: dict[str, Path],
+                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+    """Train the tiny profile once into a temporary folder with its own SQLite MLflow store.
+
+    Returns paths `model_dir`, `processed`, `reports`, `params` (the params file used) and the
+    string `tracking_uri`. MLFLOW_TRACKING_URI is set only while training, then restored. Tests
+    must not modify these (copy `model_dir` first); logging more into its run is fine.
+    """
+    import os
+
+    import pipelines.train as train_stage
+    import torch
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    uri = f"sqlite:///{(root / 'mlflow.db').as_posix()}"
+    paths: dict[str, Path | str] = {
+        "params": write_params(root / "params.yaml", tiny_raw(tracking={"tracking_uri": uri})),
+        "model_dir": root / "models", "processed": tiny_data["processed"],
+        "reports": root / "reports", "tracking_uri": uri}
+    saved, threads = os.environ.get("MLFLOW_TRACKING_URI"), torch.get_num_threads()
+    os.environ["MLFLOW_TRACKING_URI"] = uri  # the env var wins over params: point it here too
+    torch.set_num_threads(1)  # tiny tensors: one thread avoids stalls on a busy 2-core machine
+    try:
+        rc = train_stage.main(["--params", str(paths["params"]),
+                               "--processed", str(paths["processed"]),
+                               "--model-dir", str(paths["model_dir"]),
+                               "--reports", str(Path(paths["reports"]) / "train")])
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+    assert rc == 0, "train stage failed on the tiny profile"
+    return paths

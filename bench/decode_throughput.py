@@ -1,0 +1,136 @@
+"""Decode throughput on the test split: the tutorial's one-at-a-time greedy loop against batching.
+
+Prints one JSON object. For each device (CPU, plus CUDA when available) and the same model:
+    loop_greedy     one sentence per call, greedy (how the classic PyTorch tutorial decodes)
+    batched_greedy  length-sorted batches of --batch-size, greedy
+    batched_beam    length-sorted batches of --batch-size, beam --beam (GNMT length penalty and
+                    length cap from the model's evaluate.search settings)
+with sentences/s, target tokens/s (EOS included), outputs that hit the length cap and corpus
+BLEU against all references, plus the speed-ups and whether the targets are met (batched beam 5
+>= 10x the loop and >= 150 sentences/s). Every mode goes through `nmt.translator.Translator`,
+tokenisation and detokenisation included. The loop is timed on --loop-limit evenly spaced
+sources only (it is slow); the batched modes on all (or --limit) distinct test sources.
+
+    python bench/decode_throughput.py --model-dir models --processed data/processed
+
+CPU numbers depend on the cores free at the time: on a shared machine, run it twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import sacrebleu
+import torch
+
+from nmt.data.vectorize import load_split
+from nmt.translator import Translation, Translator
+
+T = TypeVar("T")
+TARGET_SPEEDUP = 10.0  # batched beam 5 vs the one-at-a-time greedy loop
+TARGET_BEAM_PER_S = 150.0  # batched beam 5 on CPU, default model
+
+
+def _mode(translations: Sequence[Translation], seconds: float,
+          references: Sequence[Sequence[str]] | None) -> dict[str, float | int]:
+    n = len(translations)
+    tokens = sum(len(t.tokens[0]) + 1 for t in translations)
+    out: dict[str, float | int] = {
+        "sentences": n, "seconds": round(seconds, 3),
+        "sentences_per_s": round(n / max(seconds, 1e-9), 1),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+        "hit_max_len": sum(t.hit_max_len for t in translations)}
+    if references is not None:
+        width = max(len(r) for r in references)
+        streams = [[r[k] if k < len(r) else None for r in references] for k in range(width)]
+        out["bleu"] = round(sacrebleu.BLEU().corpus_score([t.text for t in translations],
+                                                          streams).score, 2)
+    return out
+
+
+def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def bench_device(translator: Translator, sources: list[str], references: list[list[str]],
+                 loop_limit: int, batch_size: int, beam: int) -> dict[str, object]:
+    """Time the three modes on the translator's device."""
+    device = translator.device
+    translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
+    # evenly spaced: the split keeps corpus order, and fra.txt is sorted by sentence length
+    picked = np.unique(np.linspace(0, len(sources) - 1, min(loop_limit, len(sources))).astype(int))
+    loop_src = [sources[i] for i in picked]
+    loop, loop_s = _timed(lambda: [translator.translate([s], beam_size=1)[0] for s in loop_src],
+                          device)
+    greedy, greedy_s = _timed(lambda: translator.translate(sources, beam_size=1,
+                                                           batch_size=batch_size), device)
+    beamed, beam_s = _timed(lambda: translator.translate(sources, beam_size=beam, nbest=1,
+                                                         batch_size=batch_size), device)
+    modes = {"loop_greedy": _mode(loop, loop_s, [references[i] for i in picked]),
+             "batched_greedy": _mode(greedy, greedy_s, references),
+             "batched_beam": _mode(beamed, beam_s, references)}
+    loop_rate = float(modes["loop_greedy"]["sentences_per_s"])
+    beam_rate = float(modes["batched_beam"]["sentences_per_s"])
+    greedy_rate = float(modes["batched_greedy"]["sentences_per_s"])
+    return {**modes,
+            "speedup_batched_greedy_vs_loop": round(greedy_rate / max(loop_rate, 1e-9), 1),
+            "speedup_batched_beam_vs_loop": round(beam_rate / max(loop_rate, 1e-9), 1),
+            "loop_matches_batched_greedy": sum(a.tokens == greedy[i].tokens for a, i in
+                                               zip(loop, picked, strict=True)) / len(loop)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--processed", type=Path, default=Path("data/processed"))
+    parser.add_argument("--limit", type=int, default=None, help="distinct test sources (all)")
+    parser.add_argument("--loop-limit", type=int, default=500,
+                        help="sources for the slow one-at-a-time loop (default 500)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--beam", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    sources, references = load_split(args.processed, "test").references()
+    sources, references = sources[: args.limit], references[: args.limit]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
+    report: dict[str, object] = {
+        "model_dir": str(args.model_dir), "test_sources": len(sources),
+        "loop_sources": min(args.loop_limit, len(sources)), "batch_size": args.batch_size,
+        "beam": args.beam, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine()}
+    for name in devices:
+        translator = Translator.from_model_dir(args.model_dir, device=name)
+        result = bench_device(translator, sources, references, args.loop_limit,
+                              args.batch_size, args.beam)
+        if name == "cuda":
+            result["gpu"] = torch.cuda.get_device_name(0)
+        else:
+            beam_rate = float(result["batched_beam"]["sentences_per_s"])  # type: ignore[index]
+            result["targets_met"] = {
+                "beam_vs_loop_10x": float(result["speedup_batched_beam_vs_loop"]) >= TARGET_SPEEDUP,
+                "beam_150_per_s": beam_rate >= TARGET_BEAM_PER_S}
+        report[name] = result
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

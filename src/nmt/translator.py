@@ -1,0 +1,214 @@
+"""`Translator`: English text in, French text out, for the CLI, evaluation, export and serving.
+
+Depends on torch and the model/tokenizer code only (no Lightning, no MLflow), so an exported
+pyfunc or a REST handler can wrap it unchanged.
+
+Per call to `translate`:
+1. every input is cleaned with `nmt.data.corpus.normalize`, the function the corpus went through
+   before training, so training and serving see the same text;
+2. empty sentences get an empty translation without running the model;
+3. sources longer than the model's `vectorize.max_src_tokens` are cut to that length (one warning
+   per call, `Translation.truncated`); pieces the tokenizer does not know become UNK
+   (`Translation.unk_count`);
+4. sentences are sorted by length, decoded in batches of `batch_size` (beam search, or greedy
+   search when beam_size = 1) and returned in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from nmt.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZERS_DIR, load_model
+from nmt.config import SearchConfig
+from nmt.data.corpus import normalize
+from nmt.data.datamodule import pad_sources
+from nmt.data.vocab import Tokenizer
+from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
+from nmt.specials import SPECIAL_PIECES, UNK_ID
+
+log = logging.getLogger(__name__)
+
+EOS_LABEL = SPECIAL_PIECES[3]  # "</s>": the last row and column of every attention matrix
+
+
+class InputError(ValueError):
+    """An input file cannot be read as text (missing, or not UTF-8)."""
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The translation of one input sentence.
+
+    source: the normalised input (what the model saw, before truncation).
+    hypotheses, scores, tokens: `nbest` entries, best first; scores are the search's (sum of log
+        probabilities, divided by the GNMT length penalty for beam search); tokens are target
+        ids without BOS/EOS. An empty source gives `nbest` empty hypotheses with score 0.
+    attention: weights of the best hypothesis, shape (T_out, S): one row per output token plus
+        the final EOS, one column per source piece (after truncation) plus the source EOS;
+        shape (0, 0) for an empty source.
+    truncated: the source was cut to the model's maximum source length.
+    unk_count: source pieces mapped to UNK.
+    hit_max_len: the best output reached the search's length cap (likely cut off).
+    """
+
+    source: str
+    hypotheses: list[str]
+    scores: list[float]
+    tokens: list[list[int]]
+    attention: Tensor = field(repr=False, compare=False)
+    truncated: bool = False
+    unk_count: int = 0
+    hit_max_len: bool = False
+
+    @property
+    def text(self) -> str:
+        """The best hypothesis."""
+        return self.hypotheses[0]
+
+
+def read_lines(path: Path | str) -> list[str]:
+    """Lines of a UTF-8 text file, line ends removed; empty lines kept (they translate to "").
+
+    Raises:
+        InputError: the file is missing, or not valid UTF-8 (naming the byte offset and line).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read input file ({exc.strerror or exc})") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise InputError(f"{path}: not valid UTF-8 at byte offset {exc.start} (line {line}: "
+                         f"{data[exc.start:exc.start + 4]!r}); re-save the file as UTF-8"
+                         ) from exc
+    lines = [line.removesuffix("\r") for line in text.removeprefix("\ufeff").split("\n")]
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One non-empty source ready for the model."""
+
+    index: int  # position in the caller's list
+    ids: list[int]  # truncated source ids, no EOS
+    truncated: bool
+    unk_count: int
+
+
+class Translator:
+    """Batched translation with a trained `Seq2Seq` and its tokenizers.
+
+    Args:
+        model: the model (put in eval mode; its device is used for decoding).
+        src_tok, trg_tok: the tokenizers the model was trained with.
+        search: default decoding settings (`evaluate.search` in params.yaml).
+        max_src_tokens: sources are cut to this many tokens (`vectorize.max_src_tokens`).
+    """
+
+    def __init__(self, model: Seq2Seq, src_tok: Tokenizer, trg_tok: Tokenizer,
+                 search: SearchConfig, max_src_tokens: int) -> None:
+        if max_src_tokens < 1:
+            raise ValueError(f"max_src_tokens: must be >= 1, got {max_src_tokens}")
+        self.model = model.eval()
+        self.src_tok, self.trg_tok = src_tok, trg_tok
+        self.search = search
+        self.max_src_tokens = max_src_tokens
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path | str,
+                       device: str | torch.device = "cpu") -> Translator:
+        """Load a model folder written by the train stage (search settings from its config)."""
+        model_dir = Path(model_dir)
+        missing = [n for n in (MODEL_FILE, CONFIG_FILE, TOKENIZERS_DIR)
+                   if not (model_dir / n).exists()]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: not a model folder (missing "
+                                    f"{', '.join(missing)}); run `dvc repro train` first or "
+                                    "pass --model-dir")
+        model, src_tok, trg_tok, params = load_model(model_dir, map_location=device)
+        return cls(model, src_tok, trg_tok, params.evaluate.search,
+                   params.vectorize.max_src_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def translate(self, sentences: Sequence[str], beam_size: int | None = None,
+                  nbest: int | None = None, batch_size: int | None = None) -> list[Translation]:
+        """Translate `sentences` (raw text); see the module docstring for the steps.
+
+        `beam_size`, `nbest` and `batch_size` default to the `search` settings; nbest must not
+        exceed beam_size.
+        """
+        beam = self.search.beam_size if beam_size is None else beam_size
+        n = self.search.nbest if nbest is None else nbest
+        if nbest is None and beam_size is not None:
+            n = min(n, beam)
+        batch = self.search.batch_size if batch_size is None else batch_size
+        if beam < 1 or not 1 <= n <= beam or batch < 1:
+            raise ValueError(f"need beam_size >= 1, 1 <= nbest <= beam_size and batch_size >= 1;"
+                             f" got beam_size={beam}, nbest={n}, batch_size={batch}")
+        sources = [normalize(s) for s in sentences]
+        encoded = [self._encode(i, s) for i, s in enumerate(sources) if s]
+        self._warn_truncated(encoded, len(sources))
+        out: list[Translation | None] = [None] * len(sources)
+        for i, s in enumerate(sources):
+            if not s:
+                out[i] = Translation(s, [""] * n, [0.0] * n, [[] for _ in range(n)],
+                                     torch.zeros(0, 0))
+        encoded.sort(key=lambda e: (len(e.ids), e.index))
+        for start in range(0, len(encoded), batch):
+            chunk = encoded[start:start + batch]
+            result = self._search([e.ids for e in chunk], beam, n)
+            for row, enc in enumerate(chunk):
+                out[enc.index] = self._translation(sources[enc.index], enc, result, row)
+        return out  # type: ignore[return-value]  # every slot is filled above
+
+    def source_pieces(self, sentence: str) -> list[str]:
+        """Column labels of `Translation.attention`: source pieces after truncation, then EOS."""
+        return [*self.src_tok.pieces(normalize(sentence))[: self.max_src_tokens], EOS_LABEL]
+
+    def target_pieces(self, tokens: Sequence[int]) -> list[str]:
+        """Row labels of `Translation.attention`: each output token's text, then EOS."""
+        return [*(self.trg_tok.decode([int(t)]) or "\u00b7" for t in tokens), EOS_LABEL]
+
+    # ------------------------------------------------------------------------------ helpers
+    def _encode(self, index: int, source: str) -> _Encoded:
+        ids = self.src_tok.encode(source)
+        kept = ids[: self.max_src_tokens]
+        return _Encoded(index, kept, len(ids) > len(kept), sum(i == UNK_ID for i in kept))
+
+    def _warn_truncated(self, encoded: list[_Encoded], total: int) -> None:
+        cut = [e.index for e in encoded if e.truncated]
+        if cut:
+            shown = ", ".join(str(i + 1) for i in cut[:10]) + (", ..." if len(cut) > 10 else "")
+            log.warning("%d of %d sentences are longer than %d source tokens and were truncated "
+                        "(sentence %s)", len(cut), total, self.max_src_tokens, shown)
+
+    def _search(self, ids: list[list[int]], beam: int, nbest: int) -> SearchResult:
+        src, src_lengths = pad_sources(ids)  # (B, S) ids + EOS then PAD, (B,)
+        src, src_lengths = src.to(self.device), src_lengths.to(self.device)
+        s = self.search
+        if beam == 1:
+            return greedy_search(self.model, src, src_lengths, s.max_len_ratio, s.max_len_offset)
+        return beam_search(self.model, src, src_lengths, beam_size=beam,
+                           length_penalty=s.length_penalty, max_len_ratio=s.max_len_ratio,
+                           max_len_offset=s.max_len_offset, nbest=nbest)
+
+    def _translation(self, source: str, enc: _Encoded, result: SearchResult,
+                     row: int) -> Translation:
+        tokens = [list(map(int, t)) for t in result.tokens[row]]
+        return Translation(
+            source=source, hypotheses=[self.trg_tok.decode(t) for t in tokens],
+            scores=[float(x) for x in result.scores[row].tolist()], tokens=tokens,
+            attention=result.attention[row].detach().float().cpu(), truncated=enc.truncated,
+            unk_count=enc.unk_count, hit_max_len=bool(result.hit_max_len[row]))

@@ -1,0 +1,145 @@
+"""Translator: normalisation, bad input (empty, over-long, unknown), batching order, files."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from nmt.config import ModelConfig, SearchConfig
+from nmt.data.vocab import CharTokenizer
+from nmt.model import build_model
+from nmt.translator import InputError, Translator, read_lines
+
+CFG = ModelConfig(rnn="lstm", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
+                  bidirectional=True, attention="luong_general", input_feeding=False,
+                  dropout=0.0, tie_embeddings=True)
+SEARCH = SearchConfig(beam_size=3, length_penalty=0.6, max_len_ratio=1.0, max_len_offset=3,
+                      nbest=1, batch_size=2)
+SRC_CHARS = "abcdefghijklmnopqrstuvwxyz .!?'"
+TRG_CHARS = "abcdefghijklmnopqrstuvwxyzéè .!?'"
+MAX_SRC = 12
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def translator() -> Translator:
+    torch.manual_seed(0)
+    src, trg = CharTokenizer(sorted(set(SRC_CHARS))), CharTokenizer(sorted(set(TRG_CHARS)))
+    model = build_model(CFG, src.vocab_size, trg.vocab_size)
+    return Translator(model, src, trg, SEARCH, max_src_tokens=MAX_SRC)
+
+
+def test_translation_fields_and_attention_shape(translator: Translator) -> None:
+    (t,) = translator.translate(["be nice."])
+    assert t.source == "be nice." and len(t.hypotheses) == len(t.scores) == len(t.tokens) == 1
+    assert t.text == translator.trg_tok.decode(t.tokens[0])
+    assert t.attention.shape == (len(t.tokens[0]) + 1, len("be nice.") + 1)  # + EOS both ways
+    assert torch.allclose(t.attention.sum(dim=1), torch.ones(t.attention.size(0)), atol=1e-5)
+    assert len(translator.source_pieces("be nice.")) == t.attention.size(1)
+    assert len(translator.target_pieces(t.tokens[0])) == t.attention.size(0)
+    assert not t.truncated and t.unk_count == 0
+
+
+def test_input_is_normalised_like_the_corpus(translator: Translator) -> None:
+    plain, spaced = translator.translate(["go on!", "  go\u00a0\u200bon\u202f!  "])
+    assert spaced.source == "go on !"  # normalize maps U+202F to a space, as for training
+    plain2, odd = translator.translate(["go on!", " go \t on!\u200b "])
+    assert odd.source == "go on!" and odd.tokens == plain2.tokens == plain.tokens
+
+
+def test_empty_lines_skip_the_model(translator: Translator,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise AssertionError("the model must not run for empty input")
+
+    monkeypatch.setattr(translator.model, "encode", boom)
+    out = translator.translate(["", "   ", "\u200b\u00a0"], beam_size=2, nbest=2)
+    assert [t.hypotheses for t in out] == [["", ""]] * 3
+    assert all(t.scores == [0.0, 0.0] and t.attention.shape == (0, 0) for t in out)
+
+
+def test_empty_line_between_sentences_keeps_positions(translator: Translator) -> None:
+    out = translator.translate(["hello", "", "bye"])
+    assert [t.source for t in out] == ["hello", "", "bye"]
+    assert out[1].text == "" and out[0].tokens == translator.translate(["hello"])[0].tokens
+
+
+def test_over_long_source_is_truncated_counted_and_warned(
+        translator: Translator, caplog: pytest.LogCaptureFixture) -> None:
+    long = "abcdefghijklmnopqrstuvwxyz"
+    with caplog.at_level(logging.WARNING, logger="nmt.translator"):
+        short, cut = translator.translate(["hi", long])
+    assert cut.truncated and not short.truncated
+    assert cut.attention.size(1) == MAX_SRC + 1
+    assert cut.tokens == translator.translate([long[:MAX_SRC]])[0].tokens
+    assert cut.source == long  # the caller's text, not the cut one
+    assert "1 of 2 sentences are longer than 12 source tokens" in caplog.text
+    assert "(sentence 2)" in caplog.text
+
+
+def test_unknown_characters_map_to_unk_and_are_counted(translator: Translator) -> None:
+    (t,) = translator.translate(["caf\u00e9 \u6771\u4eac!"])  # é and 東京 unknown to SRC_CHARS
+    assert t.unk_count == 3
+    assert len(t.hypotheses) == 1
+
+
+def test_order_restored_across_length_sorted_batches(translator: Translator) -> None:
+    sentences = ["a long one.", "hi", "mid size", "x", "longer one!", "ok"]
+    batched = translator.translate(sentences, batch_size=2)
+    assert [t.source for t in batched] == sentences
+    single = [translator.translate([s], batch_size=1)[0] for s in sentences]
+    assert [t.tokens for t in batched] == [t.tokens for t in single]
+    assert [t.scores[0] for t in batched] == pytest.approx([t.scores[0] for t in single],
+                                                           abs=1e-4)
+
+
+def test_nbest_and_greedy(translator: Translator) -> None:
+    (t,) = translator.translate(["thank you"], beam_size=3, nbest=3)
+    assert len(t.hypotheses) == 3 and t.scores == sorted(t.scores, reverse=True)
+    (g,) = translator.translate(["thank you"], beam_size=1)
+    assert len(g.hypotheses) == 1
+    with pytest.raises(ValueError, match="nbest"):
+        translator.translate(["x"], beam_size=2, nbest=3)
+
+
+def test_hit_max_len_flag(translator: Translator) -> None:
+    out = translator.translate(["abc", "abcdef"], beam_size=1)
+    for t, n in zip(out, (3, 6), strict=True):
+        cap = n + SEARCH.max_len_offset  # ratio 1.0: ceil(1.0 * (n + EOS) + 3) = n + 4
+        assert len(t.tokens[0]) <= cap + 1
+        assert t.hit_max_len == (len(t.tokens[0]) == cap + 1)
+
+
+def test_read_lines(tmp_path: Path) -> None:
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"\xef\xbb\xbfBe nice.\r\n\nGet out!\n")
+    assert read_lines(path) == ["Be nice.", "", "Get out!"]
+    path.write_bytes(b"no newline")
+    assert read_lines(path) == ["no newline"]
+
+
+def test_read_lines_non_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(b"ok line\nCaf\xe9\n")
+    with pytest.raises(InputError, match=r"latin1\.txt: not valid UTF-8 at byte offset 11 "
+                                         r"\(line 2"):
+        read_lines(path)
+    with pytest.raises(InputError, match="cannot read"):
+        read_lines(tmp_path / "missing.txt")
+
+
+def test_from_model_dir_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="not a model folder.*model.pt"):
+        Translator.from_model_dir(tmp_path / "nope")
