@@ -2,14 +2,15 @@
 
 Stopping: `max_epochs`, `max_steps`, `max_minutes` (Lightning `max_time`) or early stopping on
 `val/loss`, whichever comes first; a last validation (and checkpoint) always runs at the stop.
-Validation runs every `val_every_steps` steps (rounded down so that it also lands on every epoch
-end, see `nmt.data.datamodule.epoch_plan`).
+Validation runs every `val_every_steps` steps (rounded down by up to 20% so that it also lands
+on every epoch end, see `nmt.data.datamodule.epoch_plan`).
 
 Resume: `models/checkpoints/state.json` records a fingerprint of everything that shapes training
 (params sections seed/vectorize/model/train, the decoding limits used for val/bleu, the processed
-data files and the `nmt` source). When the stage runs again with the same fingerprint and an
-unfinished training, it resumes from `models/checkpoints/last.ckpt` (mid-epoch, at the exact
-batch); otherwise it clears the folder and starts fresh. Every (re)start is a new MLflow run; a
+data files, and the source of the model, data module and LightningModule). When the stage runs
+again with the same fingerprint and an unfinished training, it resumes from
+`models/checkpoints/last.ckpt` (mid-epoch, at the exact batch, with the remaining `max_minutes`);
+otherwise it clears the folder and starts fresh. Every (re)start is a new MLflow run; a
 previous run still marked RUNNING (the process was killed with SIGKILL) is set to KILLED, and the
 new run is tagged `resumed_from_run_id` / `resumed_from_step`. Ctrl-C and SIGTERM end the run as
 KILLED (SIGTERM stops at the end of the current batch), other exceptions as FAILED.
@@ -64,6 +65,8 @@ STATE_FILE = "state.json"
 LAST_CKPT = "last.ckpt"
 HISTORY_KEYS = ("val/loss", "val/ppl", "val/bleu", "train/loss", "train/lr")
 SIGTERM_EXIT = 128 + signal.SIGTERM
+# code whose change makes an unfinished checkpoint stale (besides nmt/model/): what it computes
+NUMERIC_SOURCES = ("config.py", "specials.py", "data/datamodule.py", "lit_module.py")
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ def _global_rank(cfg: TrainConfig) -> int:
 
 # ------------------------------------------------------------------------------ resume state
 def fingerprint(params: Params, processed_dir: Path) -> str:
-    """Hash of what shapes training: params sections, decoding limits, data files, nmt source."""
+    """Hash of what shapes training: params sections, decoding limits, data files, model code."""
     digest = hashlib.sha256()
     search = params.evaluate.search
     shaping = {"seed": params.seed, "vectorize": asdict(params.vectorize),
@@ -114,7 +117,8 @@ def fingerprint(params: Params, processed_dir: Path) -> str:
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     files = [p for p in sorted(Path(processed_dir).rglob("*")) if p.is_file()
              and (p.name.startswith(("train.", "valid.")) or p.parent.name == TOKENIZERS_DIR)]
-    files += sorted(Path(nmt.__file__).parent.rglob("*.py"))
+    package = Path(nmt.__file__).parent
+    files += sorted(package.glob("model/*.py")) + [package / name for name in NUMERIC_SOURCES]
     for path in files:
         digest.update(path.name.encode())
         digest.update(hashlib.md5(path.read_bytes()).digest())
