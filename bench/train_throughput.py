@@ -52,13 +52,19 @@ def _synthetic_split(n: int, vocab: int, seed: int) -> SplitData:
     return SplitData(src, trg, [""] * n, [""] * n, np.arange(n, dtype=np.int64))
 
 
-def _timed(step: Any, batches: list[Any], warmup: int) -> tuple[float, int]:
+def _timed(step: Any, batches: list[Any], warmup: int) -> dict[str, float]:
+    """Run `step` (-> target tokens, sentences) on every batch, timing all but `warmup` first."""
     for batch in batches[:warmup]:
         step(batch)
-    tokens, start = 0, time.perf_counter()
+    tokens = sentences = 0
+    start = time.perf_counter()
     for batch in batches[warmup:]:
-        tokens += step(batch)
-    return time.perf_counter() - start, tokens
+        n_tokens, n_sentences = step(batch)
+        tokens, sentences = tokens + n_tokens, sentences + n_sentences
+    seconds = time.perf_counter() - start
+    return {"target_tokens_per_s": round(tokens / seconds, 1),
+            "sentences_per_s": round(sentences / seconds, 1),
+            "ms_per_step": round(1000 * seconds / (len(batches) - warmup), 1)}
 
 
 def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int) -> dict[str, Any]:
@@ -83,7 +89,7 @@ def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int) -> d
     dataset = PairsDataset(split)
     batches = [dataset[rows] for rows, _ in zip(sampler, range(steps + warmup), strict=False)]
 
-    def step(batch: Any) -> int:
+    def step(batch: Any) -> tuple[int, int]:
         logits = model(batch.src, batch.src_lengths, batch.trg_in)
         loss = sequence_loss(logits, batch.trg_out, cfg.label_smoothing) / batch.n_tokens
         optimizer.zero_grad(set_to_none=True)
@@ -92,15 +98,13 @@ def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int) -> d
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         float(loss.detach())  # the per-step NaN check's sync
-        return batch.n_tokens
+        return batch.n_tokens, len(batch.src)
 
-    seconds, tokens = _timed(step, batches, warmup)
+    timing = _timed(step, batches, warmup)
     return {"data": source, "parameters": count_parameters(model),
             "batch_tokens": cfg.batch_tokens, "mean_sentences_per_batch": round(
                 float(np.mean([len(b.src) for b in batches])), 1),
-            "target_tokens_per_s": round(tokens / seconds, 1),
-            "ms_per_step": round(1000 * seconds / (len(batches) - warmup), 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1)}
+            **timing, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 class KerasTutorialSeq2Seq(nn.Module):
@@ -158,20 +162,18 @@ def bench_keras(processed: Path, steps: int, warmup: int) -> dict[str, Any]:
     batches = [order[i : i + KERAS_BATCH] for i in range(0, KERAS_BATCH * (steps + warmup),
                                                          KERAS_BATCH)]
 
-    def step(j: torch.Tensor) -> int:
+    def step(j: torch.Tensor) -> tuple[int, int]:
         logits = model(enc_x[j], dec_x[j])
         loss = nn.functional.cross_entropy(logits.transpose(1, 2), dec_y[j], reduction="none")
         loss = (loss * mask[j]).sum() / (mask[j].shape[0] * mask[j].shape[1])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        return int(mask[j].sum())
+        return int(mask[j].sum()), len(j)
 
-    seconds, tokens = _timed(step, batches, warmup)
+    timing = _timed(step, batches, warmup)
     return {"data": source, "parameters": count_parameters(model), "batch_sentences": KERAS_BATCH,
-            "padded_length": max_out, "target_tokens_per_s": round(tokens / seconds, 1),
-            "ms_per_step": round(1000 * seconds / (len(batches) - warmup), 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1)}
+            "padded_length": max_out, **timing, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 def _child(conn: Any, fn: Any, threads: int, *args: Any) -> None:
