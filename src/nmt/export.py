@@ -13,8 +13,9 @@ Order (nothing touches the registry until everything has been checked):
 4. it is logged to the training run (`models/run.json`) and registered as a new version of
    `export.registered_model` (see `register_and_promote` for the gate and the rollback).
 
-An export whose weights (sha256 of the safetensors file) are already registered re-uses that
-version instead of registering a duplicate, so `dvc repro -f export` does not grow the registry.
+An export whose pyfunc content (weights, search defaults, tokenizers, code, pins: see
+`content_sha256`) is already registered re-uses that version instead of registering a duplicate,
+so `dvc repro -f export` does not grow the registry.
 Registry calls use `MlflowClient` here; runs go through `nmt.tracking`.
 """
 
@@ -314,11 +315,21 @@ def validate_pyfunc(spec: PyfuncSpec, work: Path) -> list[str]:
     return texts
 
 
-def file_sha256(path: Path) -> str:
+def content_sha256(spec: PyfuncSpec) -> str:
+    """sha256 over everything the pyfunc ships: model code, artifacts, `nmt` code, pins.
+
+    Equal hashes mean an identical served model (same weights, search defaults, tokenizers and
+    code), which `find_registered` uses to avoid registering duplicates.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    roots = [Path(spec.python_model), *map(Path, spec.artifacts.values()), *map(Path,
+                                                                              spec.code_paths)]
+    for root in roots:
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            digest.update(f"{f.relative_to(root.parent).as_posix()}\0".encode())
+            digest.update(f.read_bytes())
+    digest.update("\n".join(spec.pip_requirements).encode())
     return digest.hexdigest()
 
 
@@ -334,7 +345,7 @@ class Promotion:
     champion_version_before: str | None
     champion_bleu_before: float | None
     promotion_margin: float
-    decision: str  # "promoted" | "kept" | "unchanged" (weights already registered)
+    decision: str  # "promoted" | "kept" | "unchanged" (identical model already registered)
     reason: str
     champion_version: str | None
 
@@ -370,13 +381,13 @@ def _champion_bleu(client: MlflowClient, name: str, version: str | None) -> floa
     return float(tag)
 
 
-def find_registered(client: MlflowClient, name: str, weights_sha256: str) -> str | None:
-    """Newest version of `name` whose weights_sha256 tag matches, if any."""
+def find_registered(client: MlflowClient, name: str, content_sha: str) -> str | None:
+    """Newest version of `name` whose `content_sha256` tag matches, if any."""
     try:
         versions = client.search_model_versions(f"name = '{name}'")
     except Exception:  # noqa: BLE001 - no such registered model
         return None
-    same = [int(v.version) for v in versions if v.tags.get("weights_sha256") == weights_sha256]
+    same = [int(v.version) for v in versions if v.tags.get("content_sha256") == content_sha]
     return str(max(same)) if same else None
 
 
@@ -518,10 +529,10 @@ def _publish(params: Params, translator: Translator, model_cfg: ModelConfig, mod
     name, client = params.export.registered_model, MlflowClient(run.tracking_uri)
     with tempfile.TemporaryDirectory(prefix="nmt-pyfunc-") as tmp:
         spec = build_pyfunc_spec(translator, model_cfg, model_dir, attribution, Path(tmp))
-        weights_sha = file_sha256(Path(spec.artifacts["weights"]))
-        existing = find_registered(client, name, weights_sha)
+        content_sha = content_sha256(spec)
+        existing = find_registered(client, name, content_sha)
         if existing is not None:
-            log.info("these weights are already %s version %s: nothing registered", name,
+            log.info("this exact model is already %s version %s: nothing registered", name,
                      existing)
             return _unchanged(client, name, existing, test_bleu, params), []
         examples = validate_pyfunc(spec, Path(tmp))
@@ -530,7 +541,7 @@ def _publish(params: Params, translator: Translator, model_cfg: ModelConfig, mod
             promotion = register_and_promote(
                 client, name, info.model_uri, run.run_id, test_bleu,
                 params.export.promotion_margin,
-                {"weights_sha256": weights_sha, "logged_model_uri": info.model_uri})
+                {"content_sha256": content_sha, "logged_model_uri": info.model_uri})
             handle.log_dict(asdict(promotion), "export/promotion.json")
             handle.set_tags({"export/registered_version": promotion.version,
                              "export/promotion": promotion.decision})
@@ -546,6 +557,6 @@ def _unchanged(client: MlflowClient, name: str, version: str, test_bleu: float,
     return Promotion(name, version, f"models:/{name}/{version}", test_bleu,
                      None, None if before == "none" else float(before),
                      params.export.promotion_margin, "unchanged",
-                     f"weights already registered as version {version} "
+                     f"identical model already registered as version {version} "
                      f"({mv.tags.get('promotion')} then)",
                      _alias_version(client, name, ALIAS_CHAMPION))

@@ -22,8 +22,10 @@ from mlflow import MlflowClient
 from conftest import REPO, tiny_raw, write_params
 from nmt import export as nmt_export
 from nmt import tracking
+from nmt.checkpoint import load_model
 from nmt.config import load_params
 from nmt.evaluation import TUTORIAL_EXAMPLES
+from nmt.translator import Translator
 
 NAME = "fra-eng-translator"
 TEST_BLEU = 20.0
@@ -134,11 +136,28 @@ def test_registered_pyfunc_is_pickle_free_pinned_and_translates(exported: dict,
     assert all(o.translation and len(o.nbest) == 2 for o in out)
 
 
-def test_same_weights_are_found_instead_of_registered_again(exported: dict) -> None:
+def test_identical_model_is_found_instead_of_registered_again(exported: dict) -> None:
     client = MlflowClient(exported["uri"])
-    sha = client.get_model_version(NAME, "1").tags["weights_sha256"]
+    sha = client.get_model_version(NAME, "1").tags["content_sha256"]
     assert nmt_export.find_registered(client, NAME, sha) == "1"
     assert nmt_export.find_registered(client, NAME, "0" * 64) is None
+
+
+def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
+    """What `dvc repro -f export` does on unchanged inputs: re-use version 1."""
+    client = MlflowClient(exported["uri"])
+    before = snapshot(client, NAME)
+    params = load_params(exported["params"])
+    model_dir = Path(exported["model_dir"])
+    model, src_tok, trg_tok, model_params = load_model(model_dir)
+    translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
+                            model_params.vectorize.max_src_tokens)
+    promotion, _ = nmt_export._publish(
+        params, translator, model_params.model, model_dir, REPO / "data/external/ATTRIBUTION.md",
+        tracking.read_run_json(model_dir / "run.json"), TEST_BLEU)
+    assert (promotion.decision, promotion.version, promotion.champion_version) == (
+        "unchanged", "1", "1")
+    assert snapshot(client, NAME) == before
 
 
 def _register(client: MlflowClient, exported: dict, name: str, bleu: float,
