@@ -193,16 +193,16 @@ class Seq2SeqModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        self._val_sums = [torch.zeros((), device=self.device, dtype=torch.float64)] * 2
+        self._val_sums = [torch.zeros((), device=self.device)] * 2  # (NLL sum, tokens)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         nll = sequence_loss(self(batch), batch.trg_out)
-        self._val_sums = [self._val_sums[0] + nll.double(), self._val_sums[1] + batch.n_tokens]
+        self._val_sums = [self._val_sums[0] + nll, self._val_sums[1] + batch.n_tokens]
 
     def on_validation_epoch_end(self) -> None:
         nll_sum, tokens = (self.trainer.strategy.reduce(t, reduce_op="sum")
                            for t in self._val_sums)
-        val_loss = (nll_sum / tokens.clamp(min=1)).float()
+        val_loss = nll_sum / tokens.clamp(min=1)
         self.log_dict({"val/loss": val_loss, "val/ppl": torch.exp(val_loss.clamp(max=50.0))},
                       sync_dist=True, batch_size=1)
         self.log_dict({"epoch": float(self.current_epoch), "step": float(self.global_step)},
