@@ -188,6 +188,16 @@ def compare(root: Path, base: str, tolerance: float) -> tuple[Gate, str, str]:
     return gate, metrics_md, params_md
 
 
+def lock_note(root: Path) -> str:
+    """Whether the run changed dvc.lock against HEAD (i.e. whether anything was retrained)."""
+    proc = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dvc.lock"], cwd=root,
+                          capture_output=True)
+    if proc.returncode == 0:
+        return "`dvc.lock` matches HEAD: no stage had new inputs (outputs came from the cache)."
+    return ("`dvc.lock` differs from HEAD: stages ran on new inputs. To keep this result, "
+            "commit `dvc.lock`, `params.yaml` and the metrics (or `dvc exp apply <name>`).")
+
+
 def render_summary(*, base: str, base_sha: str, gate: Gate | None, command: str,
                    metrics_md: str, params_md: str, notes: Sequence[str]) -> str:
     lines = [f"## Retraining vs `{base}` ({base_sha[:10]})", ""]
@@ -284,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run(dvc("repro"), root)  # the remaining stages (export) with the same params
             notes.append("Gate passed: ran the whole pipeline (`dvc repro`), export included.")
             _, metrics_md, params_md = compare(root, args.base, args.tolerance)
+        notes.append(lock_note(root))
         if status == EXIT_OK and args.push:
             run(dvc("push"), root)
             notes.append("`dvc push` sent the outputs to the default remote.")
