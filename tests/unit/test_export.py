@@ -1,5 +1,5 @@
-"""Export pieces without MLflow: runner normalisation, promotion rule, request limits, pins, and
-parity of the portable export on a random model (GRU, 2 layers, Bahdanau + input feeding)."""
+"""Export pieces without a registry: runner normalisation, promotion rule, request limits, pins,
+and parity of the portable export on two random models (see MODELS)."""
 
 from __future__ import annotations
 
@@ -74,26 +74,38 @@ def test_check_request_accepts_limits() -> None:
     check_request(["x" * MAX_CHARS] * MAX_SENTENCES, beam_size=16, nbest=16, batch_size=256)
 
 
-@pytest.fixture(scope="module")
-def random_export(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A random GRU model with char tokenizers, exported once."""
-    root = tmp_path_factory.mktemp("random_export")
+# Two random models between them cover LSTM and GRU, 1 and 2 layers, uni- and bidirectional
+# encoders, the four attentions' code paths (bahdanau/luong_dot here; luong_general and none share
+# the Luong step), input feeding and tied/untied embeddings.
+MODELS = {
+    "lstm": ModelConfig(rnn="lstm", emb_dim=8, hidden=8, enc_layers=2, dec_layers=2,
+                        bidirectional=True, attention="bahdanau", input_feeding=True,
+                        dropout=0.1, tie_embeddings=False),
+    "gru": ModelConfig(rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
+                       bidirectional=False, attention="luong_dot", input_feeding=False,
+                       dropout=0.0, tie_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def random_export(request: pytest.FixtureRequest,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A random model with char tokenizers, exported once per configuration."""
+    root = tmp_path_factory.mktemp(f"random_export_{request.param}")
     src_tok = CharTokenizer.train(SENTENCES)
     trg_tok = CharTokenizer.train(["Sois gentil.", "Laisse tomber !", "Dehors !"])
     save_tokenizers(root / "model" / "tokenizers", src_tok, trg_tok)
-    cfg = ModelConfig(rnn="gru", emb_dim=8, hidden=8, enc_layers=2, dec_layers=2,
-                      bidirectional=True, attention="bahdanau", input_feeding=True, dropout=0.1,
-                      tie_embeddings=False)
     torch.manual_seed(0)
-    model = build_model(cfg, src_tok.vocab_size, trg_tok.vocab_size).eval()
+    model = build_model(MODELS[request.param], src_tok.vocab_size, trg_tok.vocab_size).eval()
     search = SearchConfig(beam_size=3, length_penalty=0.6, max_len_ratio=1.0, max_len_offset=4,
                           nbest=1, batch_size=3)
     translator = Translator(model, src_tok, trg_tok, search, max_src_tokens=12)
     write_portable(model, root / "model", search, 12, REPO / "data/external/ATTRIBUTION.md",
                    root / "export")
-    return {"translator": translator, "dir": root / "export"}
+    return {"translator": translator, "dir": root / "export", "rnn": request.param}
 
 
+@pytest.mark.slow
 def test_portable_export_matches_eager(random_export: dict) -> None:
     report = check_parity(random_export["translator"], random_export["dir"], SENTENCES)
     assert report.passed, report.examples
@@ -101,6 +113,8 @@ def test_portable_export_matches_eager(random_export: dict) -> None:
     assert report.max_score_diff < 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("random_export", ["lstm"], indirect=True)
 def test_portable_runner_runs_without_nmt(random_export: dict) -> None:
     """The copied runner translates in a process where `import nmt` fails."""
     code = ("import runpy, sys; sys.modules['nmt'] = None; "
