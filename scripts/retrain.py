@@ -190,9 +190,11 @@ def compare(root: Path, base: str, tolerance: float) -> tuple[Gate, str, str]:
 
 def lock_note(root: Path) -> str:
     """Whether the run changed dvc.lock against HEAD (i.e. whether anything was retrained)."""
-    proc = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dvc.lock"], cwd=root,
-                          capture_output=True)
-    if proc.returncode == 0:
+    head = subprocess.run(["git", "show", "HEAD:dvc.lock"], cwd=root, capture_output=True,
+                          text=True)
+    lock = root / "dvc.lock"
+    now = lock.read_text(encoding="utf-8") if lock.exists() else None
+    if head.returncode == 0 and head.stdout == now:
         return "`dvc.lock` matches HEAD: no stage had new inputs (outputs came from the cache)."
     return ("`dvc.lock` differs from HEAD: stages ran on new inputs. To keep this result, "
             "commit `dvc.lock`, `params.yaml` and the metrics (or `dvc exp apply <name>`).")
@@ -251,22 +253,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def exp_command(args: argparse.Namespace, stages: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The `dvc exp run` command for the gated part of the pipeline, plus notes."""
+def exp_command(args: argparse.Namespace,
+                stages: Sequence[str]) -> tuple[list[str], str, list[str]]:
+    """The `dvc exp run` command for the gated part of the pipeline, how to show it, notes."""
     notes: list[str] = []
-    overrides = profile_overrides(args.profile) if args.profile else []
-    overrides += args.overrides
+    from_profile = profile_overrides(args.profile) if args.profile else []
     cmd = ["exp", "run"] + (["--name", args.name] if args.name else [])
-    for item in overrides:
+    for item in [*from_profile, *args.overrides]:
         cmd += ["-S", item]
+    shown = ["dvc", "exp", "run"] + (["--name", args.name] if args.name else [])
+    if from_profile:
+        shown.append(f"<{len(from_profile)} -S from {args.profile}>")
+        notes.append(f"Profile `{args.profile}` applied as {len(from_profile)} `-S` overrides "
+                     "for this run only (not committed); see the params diff.")
+    for item in args.overrides:
+        shown += ["-S", item]
     if GATE_STAGE in stages:
         cmd.append(GATE_STAGE)
+        shown.append(GATE_STAGE)
     else:
         notes.append(f"dvc.yaml has no `{GATE_STAGE}` stage yet: ran every stage it has.")
-    if args.profile:
-        notes.append(f"Profile `{args.profile}` applied as {len(overrides) - len(args.overrides)} "
-                     "`-S` overrides (not committed).")
-    return cmd, notes
+    return cmd, " ".join(shown), notes
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("--base %s is not a commit here (fetch more history?): %s", args.base, exc)
         return EXIT_USAGE
     stages = stage_names(root)
-    exp_cmd, notes = exp_command(args, stages)
+    exp_cmd, shown, notes = exp_command(args, stages)
     if args.pull:
         notes.append(pull(root))
     gate: Gate | None = None
@@ -308,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (CommandError, json.JSONDecodeError):
             pass
     text = render_summary(base=args.base, base_sha=base_sha, gate=gate,
-                          command="dvc " + shlex.join(exp_cmd), metrics_md=metrics_md,
+                          command=shown, metrics_md=metrics_md,
                           params_md=params_md, notes=notes)
     summary = args.summary if args.summary.is_absolute() else root / args.summary
     summary.parent.mkdir(parents=True, exist_ok=True)

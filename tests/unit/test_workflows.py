@@ -177,3 +177,15 @@ def test_profile_becomes_quoted_overrides() -> None:
     assert retrain.hydra_value([5, 10]) == "[5,10]"
     assert retrain.hydra_value("it's") == "'it\\'s'"
     assert retrain.hydra_value(True) == "true"
+
+
+def test_exp_command_applies_profile_then_overrides() -> None:
+    args = retrain.build_parser().parse_args(
+        ["--profile", str(TINY_PROFILE), "-S", "train.lr=0.003", "--name", "smoke"])
+    cmd, shown, notes = retrain.exp_command(args, ["download", "train", "evaluate", "export"])
+    assert cmd[:4] == ["exp", "run", "--name", "smoke"] and cmd[-1] == "evaluate"
+    sets = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-S"]
+    assert sets[-1] == "train.lr=0.003" and "model.hidden=16" in sets
+    assert shown.endswith("-S train.lr=0.003 evaluate") and "from" in shown
+    cmd, _, notes = retrain.exp_command(retrain.build_parser().parse_args([]), ["download"])
+    assert cmd == ["exp", "run"] and "no `evaluate` stage" in notes[0]
