@@ -27,7 +27,7 @@ from torch import Tensor
 from nmt.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZERS_DIR, load_model
 from nmt.config import SearchConfig
 from nmt.data.corpus import normalize
-from nmt.data.datamodule import pad_sources
+from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
 from nmt.specials import SPECIAL_PIECES, UNK_ID

@@ -30,13 +30,12 @@ from typing import NamedTuple
 
 import lightning as L
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from nmt.config import TrainConfig
+from nmt.data.padding import pad_sources, pad_targets
 from nmt.data.vectorize import SplitData, load_split
-from nmt.specials import BOS_ID, EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +59,6 @@ class Batch(NamedTuple):
     def trg_out(self) -> Tensor:
         """Targets, (B, T); PAD where the loss must ignore."""
         return self.trg[:, 1:]
-
-
-def pad_sources(seqs: Sequence[np.ndarray | Sequence[int]]) -> tuple[Tensor, Tensor]:
-    """Source ids -> (src (B, S) long with EOS appended then PAD, src_lengths (B,) long).
-
-    Training, validation BLEU, evaluation and export must all build sources with this function.
-    """
-    lengths = np.fromiter((len(s) + 1 for s in seqs), dtype=np.int64, count=len(seqs))
-    out = np.full((len(seqs), int(lengths.max(initial=1))), PAD_ID, dtype=np.int64)
-    for row, (seq, n) in enumerate(zip(seqs, lengths, strict=True)):
-        out[row, : n - 1] = seq
-        out[row, n - 1] = EOS_ID
-    return torch.from_numpy(out), torch.from_numpy(lengths)
-
-
-def pad_targets(seqs: Sequence[np.ndarray]) -> Tensor:
-    """Target ids -> (B, T + 1) long: BOS + ids + EOS, PAD after."""
-    width = max((len(s) for s in seqs), default=0) + 2
-    out = np.full((len(seqs), width), PAD_ID, dtype=np.int64)
-    out[:, 0] = BOS_ID
-    for row, seq in enumerate(seqs):
-        out[row, 1 : len(seq) + 1] = seq
-        out[row, len(seq) + 1] = EOS_ID
-    return torch.from_numpy(out)
 
 
 class PairsDataset(Dataset):

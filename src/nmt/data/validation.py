@@ -122,11 +122,11 @@ def run_suite(pairs: pd.DataFrame, cfg: ValidateConfig, docs_dir: Path) -> Valid
     half-written site.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     docs_dir = Path(docs_dir).resolve()

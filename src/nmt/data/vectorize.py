@@ -61,7 +61,9 @@ def split_of(sentence: str, seed: int, valid_fraction: float, test_fraction: flo
     """Deterministic split of one English sentence from a sha1 hash (never Python's hash())."""
     digest = hashlib.sha1(f"{seed}\x00{sentence}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
-    return "test" if u < test_fraction else "valid" if u < test_fraction + valid_fraction else "train"
+    if u < test_fraction:
+        return "test"
+    return "valid" if u < test_fraction + valid_fraction else "train"
 
 
 def assign_splits(pairs: pd.DataFrame, cfg: VectorizeConfig, seed: int) -> pd.Series:
