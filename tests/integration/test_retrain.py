@@ -44,6 +44,14 @@ def stages(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"])
 
 
+def reproduced(root: Path) -> list[str]:
+    """Targets for `dvc push/pull/checkout` of what the baseline ran: evaluate and upstream.
+
+    Export, when dvc.yaml has it, never runs here, so it has no outputs to transfer.
+    """
+    return ["evaluate", "--with-deps"] if "evaluate" in stages(root) else []
+
+
 def make_project(root: Path) -> tuple[Path, dict[str, str]]:
     """A committed-nothing git + DVC copy whose params.yaml is the tiny profile.
 
@@ -115,8 +123,7 @@ def baseline_project(factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     """
     if "project" not in _SHARED:
         root, env = make_project(factory.mktemp("retrain") / "project")
-        target = ["evaluate"] if "evaluate" in stages(root) else []
-        run([*DVC, "repro", *target], root, env)
+        run([*DVC, "repro", *(["evaluate"] if "evaluate" in stages(root) else [])], root, env)
         baseline = commit_all(root, env, "baseline: tiny profile")
         run(["git", "checkout", "-q", "--detach"], root, env)
         _SHARED["project"] = (root, env, baseline)
@@ -189,16 +196,16 @@ def test_push_pull_round_trip_through_the_default_remote(
     root, env, _ = project
     remote = root.parent / "nmt-dvc-remote"  # .dvc/config: url = ../../nmt-dvc-remote
     assert "(default)" in run([*DVC, "remote", "list"], root, env).stdout
-    run([*DVC, "push"], root, env)
+    run([*DVC, "push", *reproduced(root)], root, env)
     assert remote.is_dir() and any(remote.rglob("*"))
     train = (root / "data/processed/train.parquet").read_bytes()
     cache, kept = root / ".dvc" / "cache", root / ".dvc" / "cache.kept"
     cache.rename(kept)  # keep the baseline's cache for test_reproducibility.py
     try:
         shutil.rmtree(root / "data" / "processed")
-        run([*DVC, "pull"], root, env)
+        run([*DVC, "pull", *reproduced(root)], root, env)
         assert (root / "data/processed/train.parquet").read_bytes() == train
-        assert "up to date" in run([*DVC, "status"], root, env).stdout
+        assert "up to date" in run([*DVC, "status", *reproduced(root)], root, env).stdout
     finally:
         shutil.rmtree(cache, ignore_errors=True)
         kept.rename(cache)
