@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from conftest import tiny_raw, write_params
-
 import pipelines.validate as validate
+
+from conftest import tiny_raw, write_params
 
 
 def test_chain_outputs(tiny_data: dict[str, Path]) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_PROFILE, write_params
 
+from conftest import REPO, TINY_PROFILE, write_params
 from nmt.config import merge, read_yaml
 
 COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", ".dvcignore"]
