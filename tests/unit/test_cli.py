@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import REPO, TINY_PROFILE
-
 from nmt.cli import main
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, TINY_PROFILE
 
+from conftest import REPO, TINY_PROFILE
 from nmt.config import ConfigError, flatten, load_params, merge, parse_params, read_yaml
 
 

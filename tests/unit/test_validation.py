@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
-from conftest import tiny_raw
 
+from conftest import tiny_raw
 from nmt.config import parse_params
 from nmt.data.validation import run_suite
 

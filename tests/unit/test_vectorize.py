@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import tiny_raw
 
+from conftest import tiny_raw
 from nmt.config import parse_params
 from nmt.data.vectorize import SPLITS, load_split, split_of, vectorize
 from nmt.data.vocab import load_tokenizers
