@@ -32,3 +32,17 @@ ui: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Team tracking server: project-local PostgreSQL + `mlflow server` with proxied artifacts, state in
+# .team-tracking/ (settings via TEAM_* variables, see docs/team-tracking.md).
+TEAM_PY = $(shell test -x $(BIN)/python && echo $(BIN)/python || echo $(PY))
+.PHONY: team-up team-down team-status
+
+team-up: install
+	$(BIN)/python scripts/team_tracking.py start
+
+team-down:
+	$(TEAM_PY) scripts/team_tracking.py stop
+
+team-status:
+	$(TEAM_PY) scripts/team_tracking.py status
