@@ -1,11 +1,14 @@
 """The MLflow UI as a user sees it, in headless Chromium (Selenium + Debian chromium-driver).
 
-Two tiny-profile runs (train + evaluate, named like DVC experiments) go to the team server; the
-browser opens the experiment's runs table (Model training view), adds the `test/bleu` column
-through the Columns menu, checks both runs and their BLEU, selects them and presses Compare,
-then checks the comparison page. Screenshots go to the test's tmp folder; with
-NMT_UI_SCREENSHOT_DIR=reports/ui they are also copied there (that is how
-reports/ui/mlflow-compare.png was made; see docs/team-tracking.md).
+Two runs (by default the session's two tiny-profile train+evaluate runs on the team server, named
+like DVC experiments): the browser opens the experiment's runs table (Model training view), adds
+the `test/bleu` column through the Columns menu and checks both runs' BLEU, selects them and
+presses Compare, shows only differing params and plots `test/bleu`. Screenshots go to the test's
+tmp folder, and also to NMT_UI_SCREENSHOT_DIR when set.
+
+NMT_UI_TRACKING_URI + NMT_UI_EXPERIMENT point it at an existing server instead (the two newest
+finished runs with `test/bleu`); that is how reports/ui/mlflow-compare.png was made from two real
+runs (docs/team-tracking.md).
 
 Skips when Chromium, chromedriver or Selenium is missing, except under CI (`CI` set): it fails.
 """
@@ -20,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_team_server import RUNS_EXPERIMENT, TeamServer, shared_runs, shared_team_server
+from test_team_server import RUNS_EXPERIMENT, shared_runs, shared_team_server
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +60,7 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--disable-background-networking", "--disable-component-update",
                 "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-                "--window-size=1700,1300"):
+                "--window-size=1600,1700"):
         opts.add_argument(arg)
     browser = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
     browser.set_page_load_timeout(WAIT_S)
@@ -69,17 +72,24 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def team_server(request: pytest.FixtureRequest) -> TeamServer:
-    return shared_team_server(request.config)
+def ui_target(request: pytest.FixtureRequest) -> tuple[str, str, dict[str, str]]:
+    """(tracking URI, experiment name, {run name: run id}) of the two runs to look at."""
+    _browser_or_skip()  # do not start servers or train for nothing
+    from mlflow.tracking import MlflowClient
 
-
-@pytest.fixture(scope="module")
-def two_runs(team_server: TeamServer, tiny_data: dict,
-             request: pytest.FixtureRequest) -> dict[str, str]:
-    """Run name -> run id of the session's two tiny train+evaluate runs on the team server."""
-    _browser_or_skip()  # do not train for nothing
-    runs = shared_runs(request.config, team_server, tiny_data["processed"])
-    return {name: run.run_id for name, run in runs.items()}
+    if uri := os.environ.get("NMT_UI_TRACKING_URI"):
+        name = os.environ.get("NMT_UI_EXPERIMENT", "fra-eng-nmt")
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(name)
+        assert exp is not None, f"no experiment {name!r} on {uri}"
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"])
+        runs = [r for r in runs if "test/bleu" in r.data.metrics][:2]
+        assert len(runs) == 2, f"need 2 finished runs with test/bleu in {name!r} on {uri}"
+        return uri, name, {r.info.run_name: r.info.run_id for r in runs}
+    server = shared_team_server(request.config)
+    runs = shared_runs(request.config, server, request.getfixturevalue("tiny_data")["processed"])
+    return server.uri, RUNS_EXPERIMENT, {name: run.run_id for name, run in runs.items()}
 
 
 def _close_assistant(browser) -> None:
@@ -109,21 +119,21 @@ def _same_number(shown: str, value: float) -> bool:
     return abs(float(shown) - value) <= 0.5 * 10**-decimals + 1e-9
 
 
-def test_experiment_page_lists_both_runs_with_test_bleu(team_server: TeamServer,
-                                                        two_runs: dict[str, str],
-                                                        driver, tmp_path: Path) -> None:
+def test_experiment_page_lists_both_runs_with_test_bleu(ui_target: tuple, driver,
+                                                        tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    client = MlflowClient(team_server.uri)
-    exp_id = client.get_experiment_by_name(RUNS_EXPERIMENT).experiment_id
+    uri, experiment, two_runs = ui_target
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name(experiment).experiment_id
     bleu = {name: client.get_run(rid).data.metrics["test/bleu"] for name, rid in two_runs.items()}
     wait = WebDriverWait(driver, WAIT_S)
 
     # 1. The experiment's runs table, as after clicking "Model training" in the sidebar.
-    driver.get(f"{team_server.uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+    driver.get(f"{uri}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
     for rid in two_runs.values():
         wait.until(lambda d, rid=rid: d.find_elements(
             By.CSS_SELECTOR, f"[role=row][row-id='{rid}'] [col-id='attributes.`Run Name`']"))
@@ -155,12 +165,26 @@ def test_experiment_page_lists_both_runs_with_test_bleu(team_server: TeamServer,
     _click(driver, wait.until(lambda d: d.find_element(
         By.CSS_SELECTOR, "[data-testid=runs-compare-button]")))
     wait.until(lambda d: "Comparing 2 Runs" in d.find_element(By.TAG_NAME, "body").text)
-    wait.until(lambda d: "test/bleu" in d.find_element(By.TAG_NAME, "body").text)
     _close_assistant(driver)
     page = driver.find_element(By.TAG_NAME, "body").text
     assert "compare-runs" in driver.current_url
     for name, rid in two_runs.items():
         assert name in page and rid in page
+
+    # 4. Only the params that differ; plot test/bleu against them (the plot's default metric is
+    #    the first one alphabetically).
+    _click(driver, wait.until(lambda d: d.find_element(
+        By.XPATH, "//button[@aria-label='Parameters - Show diff only']")))
+    metrics_select = driver.find_element(
+        By.XPATH, "//*[normalize-space(text())='Metrics:']/following::*"
+                  "[contains(@class, 'select-selector')][1]")
+    for remove in metrics_select.find_elements(By.CSS_SELECTOR, "[class*=item-remove]"):
+        _click(driver, remove)
+    _click(driver, metrics_select)
+    metrics_select.find_element(By.CSS_SELECTOR, "input").send_keys("test/bleu", Keys.ENTER)
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+    wait.until(lambda d: d.find_elements(
+        By.CSS_SELECTOR, "text.axis-title[data-unformatted='test/bleu']"))
     driver.save_screenshot(str(tmp_path / "mlflow-compare.png"))
 
     if out := os.environ.get("NMT_UI_SCREENSHOT_DIR"):
