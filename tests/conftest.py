@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def tiny_raw(**overrides: object) -> dict:
     raw = merge(read_yaml(REPO / "params.yaml"), read_yaml(TINY_PROFILE))
     raw["download"]["bundled"] = str(REPO / raw["download"]["bundled"])
     return merge(raw, overrides) if overrides else raw
+
+
+def copy_project(root: Path, paths: list[str]) -> None:
+    """Copy `paths` (files or folders, relative to the repository) into `root`, skipping caches."""
+    for rel in paths:
+        src = REPO / rel
+        if src.is_dir():
+            shutil.copytree(src, root / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / rel)
 
 
 def write_params(path: Path, raw: dict) -> Path:

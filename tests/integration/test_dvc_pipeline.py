@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PROFILE, write_params
+from conftest import REPO, TINY_PROFILE, copy_project, write_params
 from nmt.config import merge, read_yaml
 
 COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", ".dvcignore"]
@@ -28,13 +27,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the project whose params.yaml is the tiny profile."""
     root = tmp_path_factory.mktemp("project")
-    for rel in COPY:
-        src = REPO / rel
-        if src.is_dir():
-            shutil.copytree(src, root / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+    copy_project(root, COPY)
     write_params(root / "params.yaml", merge(read_yaml(REPO / "params.yaml"),
                                              read_yaml(TINY_PROFILE)))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",

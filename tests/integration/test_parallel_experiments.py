@@ -10,7 +10,6 @@ recorded by `nmt.tracking.run_tags`), with its own params and test BLEU.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import pytest
 import yaml
 from test_team_server import TeamServer, shared_team_server
 
-from conftest import REPO, TINY_PROFILE, write_params
+from conftest import REPO, TINY_PROFILE, copy_project, write_params
 from nmt.config import merge, read_yaml
 
 pytestmark = pytest.mark.slow
@@ -48,13 +47,7 @@ def run(args: list[str], cwd: Path, env: dict[str, str], ok: bool = True,
 
 def make_project(root: Path, uri: str, experiment: str) -> dict[str, str]:
     """A git + DVC copy (tiny profile) tracking into `uri`/`experiment`; returns its env."""
-    for rel in COPY:
-        src = REPO / rel
-        if src.is_dir():
-            shutil.copytree(src, root / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+    copy_project(root, COPY)
     raw = merge(read_yaml(REPO / "params.yaml"), read_yaml(TINY_PROFILE))
     raw = merge(raw, {"tracking": {"experiment": experiment},
                       "export": {"registered_model": f"{experiment}-translator"}})

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PROFILE, write_params
+from conftest import REPO, TINY_PROFILE, copy_project, write_params
 from nmt.config import merge, read_yaml
 
 pytestmark = pytest.mark.slow
@@ -59,13 +59,7 @@ def make_project(root: Path) -> tuple[Path, dict[str, str]]:
     MLflow tracks into `<root>/mlflow.db`; git identity comes from the environment.
     """
     root.mkdir(parents=True)
-    for rel in COPY:
-        src = REPO / rel
-        if src.is_dir():
-            shutil.copytree(src, root / rel, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+    copy_project(root, COPY)
     write_params(root / "params.yaml", merge(read_yaml(REPO / "params.yaml"),
                                              read_yaml(TINY_PROFILE)))
     (root / ".gitignore").write_text(GITIGNORE, encoding="utf-8")

@@ -29,7 +29,8 @@ def test_parse_accepts_two_and_three_columns_and_keeps_attribution() -> None:
     data = b"Go.\tVa !\nHi.\tSalut !\tCC-BY 2.0 (France) Attribution: tatoeba.org #1\n\n"
     result = parse_corpus(data)
     assert result.pairs["en"].tolist() == ["Go.", "Hi."]
-    assert result.pairs["attribution"].tolist() == ["", "CC-BY 2.0 (France) Attribution: tatoeba.org #1"]
+    attribution = "CC-BY 2.0 (France) Attribution: tatoeba.org #1"
+    assert result.pairs["attribution"].tolist() == ["", attribution]
     assert result.pairs["line"].tolist() == [1, 2]
     assert result.total_lines == 2 and result.rejected.empty
 
