@@ -6,8 +6,12 @@ Prints one JSON object. For each device (CPU, plus CUDA when available) and the 
     batched_beam    length-sorted batches of --batch-size, beam --beam (GNMT length penalty and
                     length cap from the model's evaluate.search settings)
 with sentences/s, target tokens/s (EOS included), outputs that hit the length cap and corpus
-BLEU against all references, plus the speed-ups and whether the targets are met (batched beam 5
->= 10x the loop and >= 150 sentences/s). Every mode goes through `nmt.translator.Translator`,
+BLEU against all references, and with --int8 on CPU also
+    batched_beam_int8  batched beam after dynamic int8 quantization of every nn.Linear
+                    (torch.ao.quantization.quantize_dynamic), with its agreement with fp32 beam;
+                    a measurement of what int8 would buy, not a mode the product uses;
+plus the speed-ups and whether the targets are met (batched beam 5 >= 10x the loop and >= 150
+sentences/s). Every mode goes through `nmt.translator.Translator`,
 tokenisation and detokenisation included. The loop is timed on --loop-limit evenly spaced
 sources only (it is slow); the batched modes on all (or --limit) distinct test sources.
 
@@ -90,7 +94,24 @@ def bench_device(translator: Translator, sources: list[str], references: list[li
             "speedup_batched_greedy_vs_loop": round(greedy_rate / max(loop_rate, 1e-9), 1),
             "speedup_batched_beam_vs_loop": round(beam_rate / max(loop_rate, 1e-9), 1),
             "loop_matches_batched_greedy": sum(a.tokens == greedy[i].tokens for a, i in
-                                               zip(loop, picked, strict=True)) / len(loop)}
+                                               zip(loop, picked, strict=True)) / len(loop),
+            "_beamed": beamed}
+
+
+def bench_int8(translator: Translator, sources: list[str], references: list[list[str]],
+               batch_size: int, beam: int, fp32: Sequence[Translation]) -> dict[str, object]:
+    """Batched beam with the Linear layers dynamically quantized to int8 (CPU only)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao eager quantization is deprecated for torchao
+        translator.model = torch.ao.quantization.quantize_dynamic(
+            translator.model, {torch.nn.Linear}, dtype=torch.qint8)
+    translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
+    beamed, seconds = _timed(lambda: translator.translate(sources, beam_size=beam,
+                                                          batch_size=batch_size), translator.device)
+    same = sum(a.tokens == b.tokens for a, b in zip(beamed, fp32, strict=True)) / len(fp32)
+    return {**_mode(beamed, seconds, references), "same_output_as_fp32": round(same, 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time batched beam with int8 dynamic quantization on CPU")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -120,9 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         translator = Translator.from_model_dir(args.model_dir, device=name)
         result = bench_device(translator, sources, references, args.loop_limit,
                               args.batch_size, args.beam)
+        beamed = result.pop("_beamed")
         if name == "cuda":
             result["gpu"] = torch.cuda.get_device_name(0)
         else:
+            if args.int8:
+                result["batched_beam_int8"] = bench_int8(translator, sources, references,
+                                                         args.batch_size, args.beam, beamed)
             beam_rate = float(result["batched_beam"]["sentences_per_s"])  # type: ignore[index]
             result["targets_met"] = {
                 "beam_vs_loop_10x": float(result["speedup_batched_beam_vs_loop"]) >= TARGET_SPEEDUP,

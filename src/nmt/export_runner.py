@@ -17,7 +17,8 @@ Usage:
 The searches mirror `nmt.model.search` step for step (same candidate selection, stopping rule,
 length caps and GNMT length penalty), so they return the eager model's tokens; the export stage
 checks that on test sentences before anything is registered, so a change to `nmt.model.search`
-must be mirrored here. The decoder state is a tuple of
+must be mirrored here (including which rows each step runs: dropping finished sentences changes
+the batch size, and with it the last bits of the matrix products). The decoder state is a tuple of
 tensors: (hidden (L, N, H), cell (L, N, H), attn_vec (N, E), enc_out (N, S, H_enc),
 mask (N, S), keys (N, S, K)); for a GRU `cell` is zeros and passed through unchanged.
 """
@@ -155,24 +156,27 @@ class PortableTranslator:
 
     @torch.no_grad()
     def greedy(self, src: Tensor, src_lengths: Tensor) -> Hypotheses:
-        """Greedy search over padded sources (B, S) with lengths (B,)."""
+        """Greedy search over padded sources (B, S) with lengths (B,); a sentence leaves the
+        batch at its EOS."""
         state = tuple(self.encoder(src, src_lengths))
         max_len = self._max_len(src_lengths)
         steps = int(max_len.max()) + 1
         tokens = torch.full((src.size(0), steps), PAD_ID, dtype=torch.long)
         scores = state[2].new_zeros(src.size(0))
-        ended = torch.zeros(src.size(0), dtype=torch.bool)
+        active = torch.arange(src.size(0))
         prev = torch.full((src.size(0),), BOS_ID, dtype=torch.long)
         for t in range(steps):
             log_probs, *new_state, _ = self.step(prev, *state)
             state = (*new_state, *state[3:])
-            best, tok = _constrain(log_probs, max_len == t).max(dim=-1)
-            tok = tok.masked_fill(ended, PAD_ID)
-            scores += best.masked_fill(ended, 0.0)
-            tokens[:, t] = tok
-            ended |= tok == EOS_ID
+            best, tok = _constrain(log_probs, max_len[active] == t).max(dim=-1)
+            scores[active] += best
+            tokens[active, t] = tok
+            ended = tok == EOS_ID
             if bool(ended.all()):
                 break
+            if bool(ended.any()):
+                keep = (~ended).nonzero().squeeze(1)
+                state, active, tok = _expand(state, keep), active[keep], tok[keep]
             prev = tok
         gen_len = (tokens != PAD_ID).sum(dim=1)
         out = [[row[: n - 1]] for row, n in zip(tokens.tolist(), gen_len.tolist(), strict=True)]
@@ -181,28 +185,30 @@ class PortableTranslator:
     @torch.no_grad()
     def beam(self, src: Tensor, src_lengths: Tensor, beam_size: int, nbest: int = 1
              ) -> Hypotheses:
-        """Beam search (GNMT length penalty, bounded stopping rule) over padded sources."""
+        """Beam search (GNMT length penalty, bounded stopping rule) over padded sources: first
+        step on one row per sentence, done sentences leave the batch."""
         batch, k, alpha = src.size(0), beam_size, float(self.config["length_penalty"])
-        state = _expand(tuple(self.encoder(src, src_lengths)),
-                        torch.arange(batch).repeat_interleave(k))
+        state = tuple(self.encoder(src, src_lengths))
         max_len = self._max_len(src_lengths)
         steps = int(max_len.max()) + 1
-        scores = state[2].new_full((batch, k), NEG_INF)
-        scores[:, 0] = 0.0
-        tokens = torch.full((batch, k, steps), PAD_ID, dtype=torch.long)
-        fin_scores, fin_tokens = torch.full_like(scores, NEG_INF), tokens.clone()
-        fin_len = torch.ones_like(tokens[:, :, 0])
-        bound_penalty = ((5.0 + (max_len + 1)) / 6.0) ** alpha  # (B,) penalty at the cap
+        out_scores = state[2].new_full((batch, k), NEG_INF)
+        out_tokens = torch.full((batch, k, steps), PAD_ID, dtype=torch.long)
+        out_len = torch.ones_like(out_tokens[:, :, 0])
+        scores = state[2].new_zeros(batch, 1)  # alive hypotheses: 1 per sentence, then k
+        tokens = out_tokens[:, :1].clone()
+        fin_scores, fin_tokens, fin_len = out_scores.clone(), out_tokens.clone(), out_len.clone()
         done = torch.zeros(batch, dtype=torch.bool)
-        prev = torch.full((batch * k,), BOS_ID, dtype=torch.long)
-        offsets = torch.arange(batch)[:, None] * k
+        active = torch.arange(batch)
+        prev = torch.full((batch,), BOS_ID, dtype=torch.long)
         for t in range(steps):
             log_probs, *new_state, _ = self.step(prev, *state)
-            vocab = log_probs.size(-1)
-            log_probs = _constrain(log_probs, (max_len == t).repeat_interleave(k))
-            cand = (scores[:, :, None] + log_probs.view(batch, k, vocab)).view(batch, -1)
+            n, width, vocab = active.size(0), scores.size(1), log_probs.size(-1)
+            cap = max_len[active]
+            log_probs = _constrain(log_probs, (cap == t).repeat_interleave(width))
+            cand = (scores[:, :, None] + log_probs.view(n, width, vocab)).view(n, -1)
             top_scores, top_idx = cand.topk(2 * k, dim=1)
-            origin, tok = top_idx // vocab + offsets, top_idx % vocab
+            origin = top_idx // vocab + torch.arange(n)[:, None] * width
+            tok = top_idx % vocab
             is_eos = tok == EOS_ID
             # finish: EOS candidates ranked within the top k join the finished pool
             new = is_eos[:, :k] & torch.isfinite(top_scores[:, :k]) & ~done[:, None]
@@ -211,7 +217,7 @@ class PortableTranslator:
                           ).masked_fill(~new, NEG_INF)
                 fin_scores, keep = torch.cat([fin_scores, normed], dim=1).topk(k, dim=1)
                 pool = torch.cat([fin_tokens, _select(tokens, origin[:, :k].reshape(-1))], 1)
-                fin_tokens = pool[torch.arange(batch)[:, None], keep]
+                fin_tokens = pool[torch.arange(n)[:, None], keep]
                 fin_len = torch.cat([fin_len, torch.full_like(fin_len, t + 1)], 1).gather(1, keep)
             # the k best non-EOS candidates stay alive
             scores, pick = top_scores.masked_fill(is_eos, NEG_INF).topk(k, dim=1)
@@ -219,15 +225,30 @@ class PortableTranslator:
             tokens = _select(tokens, rows)
             tokens[:, :, t] = tok.gather(1, pick)
             # done: the pool's worst beats any alive hypothesis's best possible final score
-            done |= (fin_scores[:, -1] >= scores.max(dim=1).values / bound_penalty) | (max_len == t)
+            bound_penalty = ((5.0 + (cap + 1)) / 6.0) ** alpha  # penalty at the cap
+            done |= (fin_scores[:, -1] >= scores.max(dim=1).values / bound_penalty) | (cap == t)
             prev = tokens[:, :, t].reshape(-1)
-            if bool(done.all()):
-                break
-            state = _reorder((*new_state, *state[3:]), rows)
-        lengths = fin_len[:, :nbest].tolist()
+            state = (*new_state, *state[3:])
+            if bool(done.any()):
+                finished = active[done]
+                out_scores[finished], out_tokens[finished] = fin_scores[done], fin_tokens[done]
+                out_len[finished] = fin_len[done]
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero().squeeze(1)
+                rows, prev = rows.view(n, k)[keep].reshape(-1), prev.view(n, k)[keep].reshape(-1)
+                scores, tokens, done = scores[keep], tokens[keep], done[keep]
+                fin_scores, fin_tokens, fin_len = fin_scores[keep], fin_tokens[keep], fin_len[keep]
+                active = active[keep]
+                state = _expand(state, rows)
+            elif t == 0:
+                state = _expand(state, rows)
+            else:
+                state = _reorder(state, rows)
+        lengths = out_len[:, :nbest].tolist()
         out = [[ids[: n - 1] for ids, n in zip(hyps, lens, strict=True)]
-               for hyps, lens in zip(fin_tokens[:, :nbest].tolist(), lengths, strict=True)]
-        return Hypotheses(out, fin_scores[:, :nbest].tolist())
+               for hyps, lens in zip(out_tokens[:, :nbest].tolist(), lengths, strict=True)]
+        return Hypotheses(out, out_scores[:, :nbest].tolist())
 
     def search(self, src: Tensor, src_lengths: Tensor, beam_size: int, nbest: int = 1
                ) -> Hypotheses:

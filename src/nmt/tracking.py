@@ -5,8 +5,16 @@ Only this module (and the Lightning `MLFlowLogger` it builds) talks to MLflow.
 Tracking URI: the `MLFLOW_TRACKING_URI` environment variable, else `tracking.tracking_uri` from
 params. A relative SQLite path (`sqlite:///mlflow.db`) is resolved against the repository root,
 and new experiments store artifacts under `<repo>/mlruns/<experiment>`, so neither depends on the
-working directory. An http(s) server must answer within `CONNECT_TIMEOUT_S` before anything is
-trained (`TrackingError` otherwise).
+working directory. Inside a DVC experiment's temporary clone (`<repo>/.dvc/tmp/exps/<tmp>`, used
+by `dvc exp run --queue` and `--temp`) the repository root is the main repository, not the clone
+DVC deletes after the run. An http(s) server must answer within `CONNECT_TIMEOUT_S` before
+anything is trained (`TrackingError` otherwise).
+
+HTTP retries: MLflow retries every failed request 7 times with backoff factor 2 (about 4 minutes
+per call, several calls per step). Unless the environment sets them, `bound_http_retries` sets
+`MLFLOW_HTTP_REQUEST_MAX_RETRIES=2`, `MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=1` and
+`MLFLOW_HTTP_REQUEST_TIMEOUT=30`: a server that dies mid-run fails the stage within about a
+minute (`HTTP_RETRY_DEFAULTS`), not after a quarter of an hour.
 
 Run hand-off: the train stage writes `models/run.json` (run id, experiment id, tracking URI,
 experiment name); `open_run(run_json)` reopens that run so evaluate/export log into it too.
@@ -41,8 +49,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0  # an http tracking server must answer /health within this
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                       "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+DVC_TEMP_CLONE = re.compile(r"^(?P<main>.+)/\.dvc/tmp/exps/[^/]+(?:/.*)?$")
 ENV_URI = "MLFLOW_TRACKING_URI"
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+StoreError = mlflow.exceptions.MlflowException  # what a failing store raises (after retries)
 
 
 class TrackingError(RuntimeError):
@@ -60,13 +73,28 @@ class RunRef:
 
 
 # --------------------------------------------------------------------------- store and runs
+def main_repo_root(repo_root: Path) -> Path:
+    """The repository a DVC experiment's temporary clone belongs to, else `repo_root` itself."""
+    root = Path(repo_root).resolve()
+    match = DVC_TEMP_CLONE.match(root.as_posix())
+    return Path(match.group("main")) if match else root
+
+
 def resolve_tracking_uri(cfg: TrackingConfig, repo_root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` or `tracking.tracking_uri`, relative SQLite paths made absolute."""
+    """`MLFLOW_TRACKING_URI` or `tracking.tracking_uri`, relative SQLite paths made absolute
+    (against the main repository when running in a DVC experiment's temporary clone)."""
     uri = os.environ.get(ENV_URI) or cfg.tracking_uri
     match = re.fullmatch(r"sqlite:///(?!/)(.+)", uri)
     if match:
-        uri = f"sqlite:///{(Path(repo_root).resolve() / match.group(1)).as_posix()}"
+        uri = f"sqlite:///{(main_repo_root(repo_root) / match.group(1)).as_posix()}"
     return uri
+
+
+def bound_http_retries() -> dict[str, str]:
+    """Apply `HTTP_RETRY_DEFAULTS` where the environment leaves them unset; returns what is used."""
+    for key, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in HTTP_RETRY_DEFAULTS}
 
 
 def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -87,13 +115,22 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def _experiment_id(client: MlflowClient, name: str, repo_root: Path, uri: str) -> str:
+    """Id of experiment `name`, created if missing; safe when parallel runs race to create it."""
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage != "deleted":
         return exp.experiment_id
     location = None
     if not uri.startswith(("http://", "https://", "databricks")):
-        location = (Path(repo_root).resolve() / "mlruns" / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+        location = (main_repo_root(repo_root) / "mlruns" / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        exp = client.get_experiment_by_name(name)  # a parallel run created it first
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def git_commit(repo_root: Path) -> str | None:
@@ -136,6 +173,7 @@ def run_tags(repo_root: Path, data_dir: Path, extra: Mapping[str, str] | None = 
 def start_run(params: Params, repo_root: Path, tags: Mapping[str, str]) -> RunRef:
     """Create a RUNNING run in the params' experiment and log every param by dotted key."""
     uri = resolve_tracking_uri(params.tracking, repo_root)
+    bound_http_retries()
     check_reachable(uri)
     client = MlflowClient(uri)
     try:
@@ -247,6 +285,7 @@ class RunHandle:
 def open_run(run_json: Path) -> Iterator[RunHandle]:
     """Reopen the run recorded in `run_json`; FINISHED on exit, FAILED on an exception."""
     ref = read_run_json(run_json)
+    bound_http_retries()
     check_reachable(ref.tracking_uri)
     mlflow.set_tracking_uri(ref.tracking_uri)
     with mlflow.start_run(run_id=ref.run_id):

@@ -298,16 +298,32 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
                              reports_dir, run, t_start)
     except BaseException as exc:
         if run is not None:
-            interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
-            tracking.end_run(run, "KILLED" if interrupted else "FAILED")
-            log.error("training %s; MLflow run %s marked %s", "interrupted" if interrupted
-                      else "failed", run.run_id, "KILLED" if interrupted else "FAILED")
+            _end_failed_run(run, exc)
         if isinstance(exc, SIGTERMException):
             raise SystemExit(SIGTERM_EXIT) from exc
+        if run is not None and isinstance(exc, tracking.StoreError):
+            raise TrackingError(
+                f"MLflow store {run.tracking_uri} failed during training ({exc}). Bring the "
+                f"store back (or point {tracking.ENV_URI} at another) and run the stage "
+                f"again: it resumes from the last checkpoint in {ckpt_dir} in a new run") from exc
         raise
     tracking.end_run(run, "FINISHED")
     _write_state(ckpt_dir, fp, run, completed=True)
     return result
+
+
+def _end_failed_run(run: RunRef, exc: BaseException) -> None:
+    """Mark `run` KILLED (interrupt) or FAILED; if the store itself is gone, say so and go on."""
+    interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+    status = "KILLED" if interrupted else "FAILED"
+    try:
+        tracking.end_run(run, status)
+    except tracking.StoreError as end_exc:
+        log.error("could not mark MLflow run %s %s at %s (%s); the next train run marks it "
+                  "KILLED", run.run_id, status, run.tracking_uri, end_exc)
+        return
+    log.error("training %s; MLflow run %s marked %s",
+              "interrupted" if interrupted else "failed", run.run_id, status)
 
 
 def _recorder(trainer: L.Trainer) -> ValidationRecorder:

@@ -99,10 +99,10 @@ def test_four_queued_experiments_two_workers_each_own_a_run(team_server: TeamSer
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-q", "-m", "baseline: data stages"], root, env)
 
-    # Create the MLflow experiment before fanning out: two first runs racing to create it make
-    # one fail with RESOURCE_ALREADY_EXISTS (seen here: 1 of 4 failed); see docs/team-tracking.md.
+    # The MLflow experiment does not exist yet: the first two runs race to create it, and the
+    # loser must reuse the winner's (nmt.tracking._experiment_id; before, 1 of 4 failed).
     client = MlflowClient(team_server.uri)
-    client.create_experiment(experiment)
+    assert client.get_experiment_by_name(experiment) is None
     for name, overrides in EXPERIMENTS.items():
         sets = [arg for key, value in overrides.items() for arg in ("-S", f"{key}={value}")]
         run([*DVC, "exp", "run", "--queue", "-n", name, *sets, target], root, env)

@@ -22,6 +22,11 @@ grows, so the best alive raw score divided by the penalty at the length cap is a
 It is also done at its length cap. The search stops when every sentence is done; the top beam
 ending alone never stops a sentence. With K = 1 and length_penalty = 0 this is exactly greedy
 search (same tokens and scores); with a length penalty, K = 1 may keep searching after EOS.
+
+Work: a sentence leaves the batch as soon as it is done (greedy: at its EOS), so each step runs
+only the sentences still decoding; beam search runs its first step on one row per sentence.
+This halves the rows the decoder runs on the test split and changes no result beyond the last
+bits of the matrix products (which depend on the batch size).
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_rati
     _check_args(beam_size=1, nbest=1, length_penalty=0.0, max_len_ratio=max_len_ratio,
                 max_len_offset=max_len_offset)
     with _eval_mode(model):
-        state, max_len = _start(model, src, src_lengths, max_len_ratio, max_len_offset, 1)
+        state, max_len = _start(model, src, src_lengths, max_len_ratio, max_len_offset)
         tokens, scores, attn = _greedy_loop(model, state, max_len)
     gen_len = (tokens != PAD_ID).sum(dim=1)  # (B,) generated tokens incl. EOS
     out = [[row[: n - 1]] for row, n in zip(tokens.tolist(), gen_len.tolist(), strict=True)]
@@ -92,53 +97,87 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_rati
 
 def _greedy_loop(model: Seq2Seq, state: DecoderState,
                  max_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Argmax decoding; returns tokens (B, T) incl. EOS then PAD, scores (B,), attn (B, T, S)."""
+    """Argmax decoding; returns tokens (B, T) incl. EOS then PAD, scores (B,), attn (B, T, S).
+
+    A sentence leaves the batch (its state rows are dropped) as soon as it emits EOS, so later
+    steps only run the sentences still decoding.
+    """
     batch, src_len = state.mask.shape
     steps = int(max_len.max()) + 1
     tokens = state.mask.new_full((batch, steps), PAD_ID, dtype=torch.long)
     attn = state.enc_out.new_zeros(batch, steps, src_len)
     scores = state.enc_out.new_zeros(batch)
-    ended = torch.zeros_like(state.mask[:, 0])
-    prev = torch.full_like(tokens[:, 0], BOS_ID)
+    active = torch.arange(batch, device=state.mask.device)  # sentence of each state row
+    prev = torch.full_like(active, BOS_ID)
     for t in range(steps):
         log_probs, state, weights = model.step(state, prev)
-        best, tok = _constrain(log_probs, max_len == t).max(dim=-1)  # (B,)
-        tok = tok.masked_fill(ended, PAD_ID)
-        scores += best.masked_fill(ended, 0.0)
-        tokens[:, t] = tok
-        attn[:, t] = weights
-        ended |= tok == EOS_ID
+        best, tok = _constrain_(log_probs, max_len[active] == t).max(dim=-1)  # (A,)
+        scores[active] += best
+        tokens[active, t] = tok
+        attn[active, t] = weights
+        ended = tok == EOS_ID
         if bool(ended.all()):
             break
+        if bool(ended.any()):
+            keep = (~ended).nonzero().squeeze(1)
+            state, active, tok = state.index_select(keep), active[keep], tok[keep]
         prev = tok
     return tokens, scores, attn
 
 
 @dataclass
-class _Beams:
-    """Search state for B sentences x K hypotheses (T = max steps, S = source length)."""
+class _Pool:
+    """Finished hypotheses of N sentences, K slots each, sorted by normalised score."""
 
-    scores: Tensor  # (B, K) cumulative log prob of alive hypotheses
-    tokens: Tensor  # (B, K, T) alive token ids so far, PAD after
-    attn: Tensor  # (B, K, T, S) alive attention rows so far
-    fin_scores: Tensor  # (B, K) normalised scores of finished hypotheses, sorted; -inf = empty
-    fin_tokens: Tensor  # (B, K, T)
-    fin_attn: Tensor  # (B, K, T, S)
-    fin_len: Tensor  # (B, K) generated tokens incl. EOS
-    done: Tensor  # (B,) bool
+    scores: Tensor  # (N, K) normalised scores; -inf = empty slot
+    tokens: Tensor  # (N, K, T) token ids incl. EOS, PAD after
+    attn: Tensor  # (N, K, T, S)
+    lengths: Tensor  # (N, K) generated tokens incl. EOS
 
     @classmethod
-    def empty(cls, batch: int, beam: int, steps: int, like: Tensor) -> _Beams:
-        """All hypotheses empty; `like` (N, S, ...) gives S, dtype and device."""
-        src_len = like.size(1)
+    def empty(cls, batch: int, beam: int, steps: int, like: Tensor) -> _Pool:
+        """Empty slots; `like` (N, S, ...) gives S, dtype and device."""
         scores = like.new_full((batch, beam), NEG_INF)
-        scores[:, 0] = 0.0  # only the first copy of each sentence starts alive
         tokens = torch.full((batch, beam, steps), PAD_ID, dtype=torch.long, device=like.device)
-        attn = like.new_zeros(batch, beam, steps, src_len)
-        return cls(scores=scores, tokens=tokens, attn=attn,
-                   fin_scores=torch.full_like(scores, NEG_INF), fin_tokens=tokens.clone(),
-                   fin_attn=attn.clone(), fin_len=torch.ones_like(tokens[:, :, 0]),
+        return cls(scores=scores, tokens=tokens, attn=like.new_zeros(batch, beam, steps,
+                                                                     like.size(1)),
+                   lengths=torch.ones_like(tokens[:, :, 0]))
+
+    def select(self, idx: Tensor) -> _Pool:
+        """Sentences `idx` (M,) -> a pool of M sentences."""
+        return _Pool(self.scores[idx], self.tokens[idx], self.attn[idx], self.lengths[idx])
+
+    def put(self, idx: Tensor, other: _Pool) -> None:
+        """Write `other`'s sentences into sentences `idx` of this pool."""
+        self.scores[idx], self.tokens[idx] = other.scores, other.tokens
+        self.attn[idx], self.lengths[idx] = other.attn, other.lengths
+
+
+@dataclass
+class _Beams:
+    """Search state for the A sentences still decoding, k alive hypotheses each.
+
+    k is 1 before the first step (every sentence starts from BOS alone) and K after it.
+    """
+
+    scores: Tensor  # (A, k) cumulative log prob of alive hypotheses
+    tokens: Tensor  # (A, k, T) alive token ids so far, PAD after
+    attn: Tensor  # (A, k, T, S) alive attention rows so far
+    pool: _Pool  # (A, K, ...) finished hypotheses
+    done: Tensor  # (A,) bool
+
+    @classmethod
+    def start(cls, batch: int, beam: int, steps: int, like: Tensor) -> _Beams:
+        """One empty alive hypothesis per sentence; `like` (N, S, ...) gives S, dtype, device."""
+        pool = _Pool.empty(batch, beam, steps, like)
+        return cls(scores=pool.scores.new_zeros(batch, 1), tokens=pool.tokens[:, :1].clone(),
+                   attn=pool.attn[:, :1].clone(), pool=pool,
                    done=torch.zeros(batch, dtype=torch.bool, device=like.device))
+
+    def select(self, idx: Tensor) -> _Beams:
+        """Sentences `idx` (M,) only."""
+        return _Beams(self.scores[idx], self.tokens[idx], self.attn[idx], self.pool.select(idx),
+                      self.done[idx])
 
 
 @torch.inference_mode()
@@ -146,6 +185,9 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int
                 length_penalty: float = 0.6, max_len_ratio: float = 1.5, max_len_offset: int = 10,
                 nbest: int = 1) -> SearchResult:
     """Batched beam search with GNMT length penalty (stopping rule in the module docstring).
+
+    The first step runs one row per sentence (all K hypotheses would start identical); a
+    sentence leaves the batch as soon as it is done, so later steps only run the rest.
 
     Args:
         model: the seq2seq model (temporarily put in eval mode).
@@ -159,95 +201,113 @@ def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int
     _check_args(beam_size=beam_size, nbest=nbest, length_penalty=length_penalty,
                 max_len_ratio=max_len_ratio, max_len_offset=max_len_offset)
     with _eval_mode(model):
-        state, max_len = _start(model, src, src_lengths, max_len_ratio, max_len_offset,
-                                beam_size)
+        state, max_len = _start(model, src, src_lengths, max_len_ratio, max_len_offset)
         steps = int(max_len.max()) + 1
-        beams = _Beams.empty(src.size(0), beam_size, steps, state.enc_out)
-        prev = torch.full_like(beams.tokens[:, :, 0].reshape(-1), BOS_ID)  # (B * K,)
+        out = _Pool.empty(src.size(0), beam_size, steps, state.enc_out)
+        beams = _Beams.start(src.size(0), beam_size, steps, state.enc_out)
+        active = torch.arange(src.size(0), device=src.device)  # sentence of each beams row
+        prev = torch.full_like(active, BOS_ID)  # (A * k,)
         for t in range(steps):
             log_probs, state, weights = model.step(state, prev)
-            rows, prev = _beam_step(beams, log_probs, weights, t, max_len, length_penalty)
-            if bool(beams.done.all()):
-                break
-            state = state.reorder(rows)
-    return _beam_finish(beams, src_lengths, max_len, nbest)
+            rows, prev = _beam_step(beams, log_probs, weights, t, max_len[active],
+                                    length_penalty)
+            done = beams.done
+            if bool(done.any()):
+                out.put(active[done], beams.pool.select(done))
+                if bool(done.all()):
+                    break
+                keep = (~done).nonzero().squeeze(1)
+                rows, prev = rows.view(done.size(0), -1)[keep], prev.view(done.size(0), -1)[keep]
+                rows, prev = rows.reshape(-1), prev.reshape(-1)
+                beams, active = beams.select(keep), active[keep]
+                state = state.index_select(rows)  # drops the done sentences' encoder rows too
+            elif t == 0:
+                state = state.index_select(rows)  # one row per sentence -> K rows
+            else:
+                state = state.reorder(rows)
+    return _beam_finish(out, src_lengths, max_len, nbest)
 
 
 def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_len: Tensor,
                alpha: float) -> tuple[Tensor, Tensor]:
-    """Expand, finish EOS candidates, keep the K best alive; returns (rows, tokens), (B * K,)."""
-    batch, beam = beams.scores.shape
+    """Expand, finish EOS candidates, keep the K best alive; returns (rows, tokens), (A * K,).
+
+    log_probs (A * k, V) and weights (A * k, S) are the step's outputs for the k alive
+    hypotheses of each of the A sentences; `rows` index those A * k rows.
+    """
+    batch, prev_beam = beams.scores.shape
+    beam = beams.pool.scores.size(1)
     vocab = log_probs.size(-1)
-    at_cap = (max_len == t).repeat_interleave(beam)  # (B * K,)
-    log_probs = _constrain(log_probs, at_cap).view(batch, beam, vocab)
-    cand = (beams.scores[:, :, None] + log_probs).view(batch, beam * vocab)
-    top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (B, 2K), sorted descending
-    origin = top_idx // vocab + torch.arange(batch, device=cand.device)[:, None] * beam
+    at_cap = (max_len == t).repeat_interleave(prev_beam)  # (A * k,)
+    log_probs = _constrain_(log_probs, at_cap).view(batch, prev_beam, vocab)
+    cand = (beams.scores[:, :, None] + log_probs).view(batch, prev_beam * vocab)
+    top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (A, 2K), sorted descending
+    origin = top_idx // vocab + torch.arange(batch, device=cand.device)[:, None] * prev_beam
     tok = top_idx % vocab
     is_eos = tok == EOS_ID
     _finish_hypotheses(beams, top_scores[:, :beam], origin[:, :beam], is_eos[:, :beam],
                        weights, t, alpha)
-    alive_scores, pick = top_scores.masked_fill(is_eos, NEG_INF).topk(beam, dim=1)  # (B, K)
-    rows = origin.gather(1, pick).view(-1)  # (B * K,) source row of each new hypothesis
-    tok = tok.gather(1, pick)  # (B, K)
+    alive_scores, pick = top_scores.masked_fill(is_eos, NEG_INF).topk(beam, dim=1)  # (A, K)
+    rows = origin.gather(1, pick).view(-1)  # (A * K,) source row of each new hypothesis
+    tok = tok.gather(1, pick)  # (A, K)
     beams.scores = alive_scores
     beams.tokens = _select_rows(beams.tokens, rows)
     beams.tokens[:, :, t] = tok
     beams.attn = _select_rows(beams.attn, rows)
     beams.attn[:, :, t] = weights.index_select(0, rows).view(batch, beam, -1)
     best_possible = alive_scores.max(dim=1).values / gnmt_length_penalty(max_len + 1, alpha)
-    beams.done |= (beams.fin_scores[:, -1] >= best_possible) | (max_len == t)
+    beams.done |= (beams.pool.scores[:, -1] >= best_possible) | (max_len == t)
     return rows, tok.view(-1)
 
 
 def _finish_hypotheses(beams: _Beams, scores: Tensor, rows: Tensor, is_eos: Tensor,
                        weights: Tensor, t: int, alpha: float) -> None:
-    """Merge EOS candidates (B, K) from rows `rows` into the finished pool, best K kept."""
-    new = is_eos & torch.isfinite(scores) & ~beams.done[:, None]  # (B, K)
+    """Merge EOS candidates (A, K) from rows `rows` into the finished pool, best K kept."""
+    new = is_eos & torch.isfinite(scores) & ~beams.done[:, None]  # (A, K)
     if not bool(new.any()):
         return
     batch, beam = scores.shape
+    pool = beams.pool
     flat = rows.reshape(-1)
     normed = (scores / gnmt_length_penalty(t + 1, alpha)).masked_fill(~new, NEG_INF)
     attn = _select_rows(beams.attn, flat)
     attn[:, :, t] = weights.index_select(0, flat).view(batch, beam, -1)
-    pool_scores, keep = torch.cat([beams.fin_scores, normed], dim=1).topk(beam, dim=1)
-    beams.fin_scores = pool_scores
-    beams.fin_tokens = _take(torch.cat([beams.fin_tokens, _select_rows(beams.tokens, flat)], 1),
-                             keep)
-    beams.fin_attn = _take(torch.cat([beams.fin_attn, attn], dim=1), keep)
-    lengths = torch.full_like(beams.fin_len, t + 1)
-    beams.fin_len = torch.cat([beams.fin_len, lengths], dim=1).gather(1, keep)
+    pool.scores, keep = torch.cat([pool.scores, normed], dim=1).topk(beam, dim=1)
+    pool.tokens = _take(torch.cat([pool.tokens, _select_rows(beams.tokens, flat)], 1), keep)
+    pool.attn = _take(torch.cat([pool.attn, attn], dim=1), keep)
+    lengths = torch.full_like(pool.lengths, t + 1)
+    pool.lengths = torch.cat([pool.lengths, lengths], dim=1).gather(1, keep)
 
 
-def _beam_finish(beams: _Beams, src_lengths: Tensor, max_len: Tensor,
+def _beam_finish(pool: _Pool, src_lengths: Tensor, max_len: Tensor,
                  nbest: int) -> SearchResult:
     """Pool -> SearchResult; the pool is already sorted by normalised score."""
-    lengths = beams.fin_len[:, :nbest]
+    lengths = pool.lengths[:, :nbest]
     out = [[ids[: n - 1] for ids, n in zip(hyps, lens, strict=True)]
-           for hyps, lens in zip(beams.fin_tokens[:, :nbest].tolist(), lengths.tolist(),
+           for hyps, lens in zip(pool.tokens[:, :nbest].tolist(), lengths.tolist(),
                                  strict=True)]
-    attention = _trim_attention(beams.fin_attn[:, 0], lengths[:, 0], src_lengths)
-    return SearchResult(out, beams.fin_scores[:, :nbest], attention,
+    attention = _trim_attention(pool.attn[:, 0], lengths[:, 0], src_lengths)
+    return SearchResult(out, pool.scores[:, :nbest], attention,
                         (lengths[:, 0] - 1) == max_len)
 
 
-def _start(model: Seq2Seq, src: Tensor, src_lengths: Tensor, ratio: float, offset: int,
-           beam: int) -> tuple[DecoderState, Tensor]:
-    """Encode, build the initial state with `beam` copies per sentence, compute length caps."""
+def _start(model: Seq2Seq, src: Tensor, src_lengths: Tensor, ratio: float,
+           offset: int) -> tuple[DecoderState, Tensor]:
+    """Encode, build the initial state (one row per sentence), compute length caps."""
     state = model.init_state(model.encode(src, src_lengths))
-    if beam > 1:
-        rows = torch.arange(src.size(0), device=src.device).repeat_interleave(beam)
-        state = state.index_select(rows)  # (B * K) rows, sentence-major
     return state, max_output_lengths(src_lengths, ratio, offset).to(src.device)
 
 
-def _constrain(log_probs: Tensor, at_cap: Tensor) -> Tensor:
-    """Forbid PAD and BOS everywhere, and everything but EOS on rows at their length cap."""
-    vocab = torch.arange(log_probs.size(-1), device=log_probs.device)
-    banned = (vocab == PAD_ID) | (vocab == BOS_ID)
-    banned = banned[None, :] | (at_cap[:, None] & (vocab != EOS_ID)[None, :])  # (N, V)
-    return log_probs.masked_fill(banned, NEG_INF)
+def _constrain_(log_probs: Tensor, at_cap: Tensor) -> Tensor:
+    """In place: forbid PAD and BOS everywhere, and everything but EOS on rows at their cap."""
+    log_probs[:, PAD_ID] = NEG_INF
+    log_probs[:, BOS_ID] = NEG_INF
+    if bool(at_cap.any()):
+        rows = at_cap.nonzero().squeeze(1)
+        eos = log_probs[rows, EOS_ID]
+        log_probs[rows] = NEG_INF
+        log_probs[rows, EOS_ID] = eos
+    return log_probs
 
 
 def _select_rows(x: Tensor, rows: Tensor) -> Tensor:

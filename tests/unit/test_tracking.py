@@ -1,0 +1,89 @@
+"""nmt.tracking: where runs go (DVC temporary clones), experiment creation races, retry bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from nmt import tracking
+from nmt.config import TrackingConfig
+
+
+def test_main_repo_root_of_a_dvc_temporary_clone(tmp_path: Path) -> None:
+    clone = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpa1b2c3"
+    clone.mkdir(parents=True)
+    assert tracking.main_repo_root(clone) == (tmp_path / "repo").resolve()
+    assert tracking.main_repo_root(clone / "sub") == (tmp_path / "repo").resolve()
+    assert tracking.main_repo_root(tmp_path / "repo") == (tmp_path / "repo").resolve()
+    # a folder merely named like DVC's is not a temporary clone
+    other = tmp_path / "exps" / "tmpa1b2c3"
+    assert tracking.main_repo_root(other) == other.resolve()
+
+
+def test_relative_sqlite_store_of_a_queued_experiment_is_the_main_repos(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc exp run --queue/--temp` runs in .dvc/tmp/exps/<tmp>, which DVC deletes afterwards."""
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    cfg = TrackingConfig(tracking_uri="sqlite:///mlflow.db", experiment="e")
+    clone = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpq"
+    clone.mkdir(parents=True)
+    expected = f"sqlite:///{(tmp_path / 'repo').resolve().as_posix()}/mlflow.db"
+    assert tracking.resolve_tracking_uri(cfg, clone) == expected
+    assert tracking.resolve_tracking_uri(cfg, tmp_path / "repo") == expected
+    absolute = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/elsewhere.db", experiment="e")
+    assert tracking.resolve_tracking_uri(absolute, clone) == f"sqlite:///{tmp_path}/elsewhere.db"
+    monkeypatch.setenv(tracking.ENV_URI, "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(cfg, clone) == "http://127.0.0.1:5000"
+
+
+def test_experiment_created_by_a_parallel_run_is_reused(tmp_path: Path) -> None:
+    """Two runs that both find no experiment race to create it: the loser uses the winner's."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    winner = MlflowClient(uri)
+
+    class LateClient(MlflowClient):
+        """Looks the experiment up just before the parallel run creates it."""
+
+        looked_up = 0
+
+        def get_experiment_by_name(self, name: str):  # type: ignore[no-untyped-def]
+            LateClient.looked_up += 1
+            if LateClient.looked_up == 1:
+                winner.create_experiment(name)  # the other run wins the race here
+                return None
+            return super().get_experiment_by_name(name)
+
+    exp_id = tracking._experiment_id(LateClient(uri), "race", tmp_path, uri)
+    assert exp_id == winner.get_experiment_by_name("race").experiment_id
+    assert LateClient.looked_up == 2
+    assert len(winner.search_experiments(filter_string="name = 'race'")) == 1
+
+
+def test_new_experiment_artifacts_go_to_the_main_repo(tmp_path: Path) -> None:
+    clone = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpz"
+    clone.mkdir(parents=True)
+    uri = f"sqlite:///{tmp_path}/repo/mlflow.db"
+    client = MlflowClient(uri)
+    exp_id = tracking._experiment_id(client, "queued", clone, uri)
+    location = client.get_experiment(exp_id).artifact_location
+    assert location == (tmp_path / "repo").resolve().joinpath("mlruns", "queued").as_uri()
+
+
+def test_http_retries_are_bounded_unless_the_environment_says_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in tracking.HTTP_RETRY_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    assert tracking.bound_http_retries() == tracking.HTTP_RETRY_DEFAULTS
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2  # what MLflow's client will use
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+    assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 30
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    assert tracking.bound_http_retries()["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 5
