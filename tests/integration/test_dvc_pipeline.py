@@ -73,3 +73,36 @@ def test_forced_rerun_gives_identical_data_outputs(project: tuple[Path, dict[str
         assert data_outs(after, stage)
     metrics = json.loads(_run([*dvc, "metrics", "show", "--json"], root, env))
     assert metrics, "dvc metrics show returned nothing"
+
+
+def test_temp_experiment_tracks_into_the_main_repos_default_store(
+        project: tuple[Path, dict[str, str]]) -> None:
+    """`dvc exp run --temp` (and queued runs) execute in .dvc/tmp/exps/<tmp>, deleted afterwards:
+    the params' relative `sqlite:///mlflow.db` must still mean the main repository's store."""
+    from mlflow.tracking import MlflowClient
+
+    root, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "repro"], root, env)
+    env = dict(env, GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@localhost",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@localhost")
+    env.pop("MLFLOW_TRACKING_URI")  # the default from params.yaml: sqlite:///mlflow.db
+    assert yaml.safe_load((root / "params.yaml").read_text())["tracking"]["tracking_uri"] == (
+        "sqlite:///mlflow.db")
+    (root / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-q", "-m", "baseline"], root, env)
+    _run([*dvc, "exp", "run", "--temp", "-n", "temp-lr2", "-S", "train.lr=0.002", "train"],
+         root, env)
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name(
+        yaml.safe_load((root / "params.yaml").read_text())["tracking"]["experiment"])
+    assert exp is not None, "no experiment in the main repository's mlflow.db"
+    runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'temp-lr2'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["train.lr"] == "0.002"
+    assert exp.artifact_location.startswith((root / "mlruns").resolve().as_uri())
+    run = runs[0]
+    assert run.info.artifact_uri.startswith((root / "mlruns").resolve().as_uri())
+    assert client.list_artifacts(run.info.run_id), "the run's artifacts were not kept"
+    assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
