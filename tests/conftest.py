@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from nmt.config import Params, merge, parse_params, read_yaml
@@ -50,10 +53,26 @@ def copy_project(root: Path, paths: list[str]) -> None:
             shutil.copy2(src, root / rel)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def write_params(path: Path, raw: dict) -> Path:
     """Write a full params file (what DVC and the stage scripts read)."""
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path
+
+
+@pytest.fixture()
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

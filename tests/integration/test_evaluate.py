@@ -6,24 +6,15 @@ import csv
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pipelines.evaluate as evaluate_stage
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from nmt.data.vectorize import load_split
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(tiny: dict, reports: Path, *extra: str, model_dir: Path | None = None) -> list[str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,18 +20,12 @@ from pathlib import Path
 import pytest
 from test_export_registry import NAME, export_once
 
-from conftest import REPO
+from conftest import REPO, free_port
 from nmt.serving import MAX_CHARS, MAX_SENTENCES
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 240  # the server imports torch, lightning and mlflow on a shared 2-core CPU
 GOOD = ["Be nice.", "Drop it!", "Get out!"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(url: str, body: bytes | dict, timeout: float = 120) -> tuple[int, dict]:

@@ -28,7 +28,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import REPO, tiny_raw, write_params
+from conftest import REPO, free_port, tiny_raw, write_params
 
 SCRIPT = REPO / "scripts" / "team_tracking.py"
 START_TIMEOUT_S = 240  # bound on `start` (first start creates ~60 tables; cores are shared)
@@ -41,12 +41,6 @@ def load_script() -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
     return module
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, tiny_raw, write_params
+from conftest import REPO, free_port, tiny_raw, write_params
 from nmt import tracking
 from nmt.training import LAST_CKPT
 
 FAIL_WITHIN_S = 120  # 2 retries, backoff factor 1, 30 s timeout: a refused connection is fast
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _start_server(root: Path, port: int) -> subprocess.Popen:
@@ -57,7 +50,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_server_killed_mid_training_fails_within_bound_then_run_is_redone(
         tiny_data: dict, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     env.update(MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
 from functools import partial
 
 import pytest
@@ -32,13 +31,7 @@ CONFIGS = {
 LIVELY = {"luong-lstm": (0, -1.5), "bahdanau-gru-feeding": (0, -1.5), "none-gru": (1, -1.0)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids hand-off stalls on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(eos_bias: float = 0.0, seed: int = 0, **overrides: object) -> Seq2Seq:
