@@ -71,8 +71,9 @@ def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
 
 
 def bench_device(translator: Translator, sources: list[str], references: list[list[str]],
-                 loop_limit: int, batch_size: int, beam: int) -> dict[str, object]:
-    """Time the three modes on the translator's device."""
+                 loop_limit: int, batch_size: int,
+                 beam: int) -> tuple[dict[str, object], list[Translation]]:
+    """Time the three modes on the translator's device; also returns the beam outputs."""
     device = translator.device
     translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
     # evenly spaced: the split keeps corpus order, and fra.txt is sorted by sentence length
@@ -94,8 +95,8 @@ def bench_device(translator: Translator, sources: list[str], references: list[li
             "speedup_batched_greedy_vs_loop": round(greedy_rate / max(loop_rate, 1e-9), 1),
             "speedup_batched_beam_vs_loop": round(beam_rate / max(loop_rate, 1e-9), 1),
             "loop_matches_batched_greedy": sum(a.tokens == greedy[i].tokens for a, i in
-                                               zip(loop, picked, strict=True)) / len(loop),
-            "_beamed": beamed}
+                                               zip(loop, picked, strict=True)) / len(loop)
+            }, beamed
 
 
 def bench_int8(translator: Translator, sources: list[str], references: list[list[str]],
@@ -141,9 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine()}
     for name in devices:
         translator = Translator.from_model_dir(args.model_dir, device=name)
-        result = bench_device(translator, sources, references, args.loop_limit,
-                              args.batch_size, args.beam)
-        beamed = result.pop("_beamed")
+        result, beamed = bench_device(translator, sources, references, args.loop_limit,
+                                      args.batch_size, args.beam)
         if name == "cuda":
             result["gpu"] = torch.cuda.get_device_name(0)
         else:

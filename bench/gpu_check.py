@@ -18,6 +18,7 @@ then run `OUT=<folder> GPU_MINUTES=5 python3 bench/gpu_check.py` there; it write
 checks the plumbing on a CPU with a tiny model. Results: reports/gpu/.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -180,16 +181,14 @@ def eval_phase():
     import sacrebleu
 
     from nmt.translator import Translator
-    spec = __import__("importlib.util").util.spec_from_file_location(
-        "dt", REPO / "bench" / "decode_throughput.py")
-    dt = __import__("importlib.util").util.module_from_spec(spec)
+    spec = importlib.util.spec_from_file_location("dt", REPO / "bench" / "decode_throughput.py")
+    dt = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(dt)
     sources, refs = load_split(None, "test").references()
     tr = Translator.from_model_dir(MODEL_DIR, device="cpu" if DRY else "cuda")
     if DRY:
         sources, refs = sources[:40], refs[:40]
-    out = {"bench_batch128": dt.bench_device(tr, sources, refs, 300, 128, 5)}
-    out["bench_batch128"].pop("_beamed", None)
+    out = {"bench_batch128": dt.bench_device(tr, sources, refs, 300, 128, 5)[0]}
     width = max(len(r) for r in refs)
     streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
     for bs in (512, 1024):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def copy_project(root: Path, paths: list[str]) -> None:
         elif src.exists():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, root / rel)
+
+
+def run(args: list[str], cwd: Path, env: dict[str, str], ok: bool = True,
+        timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """Run a command (git, dvc, a stage) in a project copy; with `ok`, assert it exited 0."""
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if ok:
+        assert proc.returncode == 0, (f"{args} exited {proc.returncode}:\n"
+                                      f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def free_port() -> int:

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PROFILE, copy_project, write_params
+from conftest import REPO, TINY_PROFILE, copy_project, run, write_params
 from nmt.config import merge, read_yaml
 
 COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", ".dvcignore"]
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    """Run a command that must succeed; its stdout and stderr together."""
+    proc = run(args, cwd, env)
     return proc.stdout + proc.stderr
 
 

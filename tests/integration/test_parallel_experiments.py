@@ -9,8 +9,8 @@ recorded by `nmt.tracking.run_tags`), with its own params and test BLEU.
 
 from __future__ import annotations
 
+import functools
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +20,7 @@ import yaml
 from test_team_server import TeamServer, shared_team_server
 
 from conftest import REPO, TINY_PROFILE, copy_project, write_params
+from conftest import run as run_command
 from nmt.config import merge, read_yaml
 
 pytestmark = pytest.mark.slow
@@ -36,13 +37,7 @@ EXPERIMENTS = {  # DVC experiment name -> overrides (train.lr, model.hidden)
 QUEUE_TIMEOUT_S = 900  # bound on waiting for the queue (4 tiny experiments, 2 workers)
 
 
-def run(args: list[str], cwd: Path, env: dict[str, str], ok: bool = True,
-        timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert proc.returncode == 0, (f"{args} exited {proc.returncode}:\n"
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+run = functools.partial(run_command, timeout=600)  # each git / dvc call of this test
 
 
 def make_project(root: Path, uri: str, experiment: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PROFILE, copy_project, write_params
+from conftest import REPO, TINY_PROFILE, copy_project, run, write_params
 from nmt.config import merge, read_yaml
 
 pytestmark = pytest.mark.slow
@@ -29,15 +29,6 @@ COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", 
 GITIGNORE = "mlflow.db\nmlflow.db-*\nmlruns/\nmlartifacts/\n__pycache__/\n/reports/ci/\n"
 EVAL_METRICS = "reports/evaluate/metrics.json"
 DVC = [sys.executable, "-m", "dvc"]
-
-
-def run(args: list[str], cwd: Path, env: dict[str, str], ok: bool = True,
-        timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if ok:
-        assert proc.returncode == 0, (f"{args} exited {proc.returncode}:\n"
-                                      f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def stages(root: Path) -> list[str]:

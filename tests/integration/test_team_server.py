@@ -225,19 +225,24 @@ def test_stale_lock_file_is_removed_or_explained(tmp_path: Path,
     assert lock.exists()
 
 
+def run_train_stage(params: Path, processed: Path, tmp_path: Path) -> int:
+    """The train stage in-process, outputs under `tmp_path`; its exit code."""
+    import pipelines.train as train_stage
+
+    return train_stage.main(["--params", str(params), "--processed", str(processed),
+                             "--model-dir", str(tmp_path / "models"),
+                             "--reports", str(tmp_path / "r")])
+
+
 def test_unreachable_server_fails_train_naming_the_uri(tiny_data: dict, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    import pipelines.train as train_stage
-
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     params = write_params(tmp_path / "params.yaml", tiny_raw())
     t0 = time.monotonic()
     with caplog.at_level(logging.ERROR):
-        rc = train_stage.main(["--params", str(params), "--processed",
-                               str(tiny_data["processed"]), "--model-dir",
-                               str(tmp_path / "models"), "--reports", str(tmp_path / "r")])
+        rc = run_train_stage(params, tiny_data["processed"], tmp_path)
     assert rc == 1
     assert f"MLflow tracking server {uri} did not answer" in caplog.text
     assert time.monotonic() - t0 < 30
@@ -282,7 +287,6 @@ def test_database_down_fails_clearly_then_runs_are_redone(team_server: TeamServe
                                                           request: pytest.FixtureRequest) -> None:
     """PostgreSQL stopped under a running MLflow server: the stage fails fast naming the URI and
     creates nothing; after `start` (restarts PostgreSQL only) the same runs are done again."""
-    import pipelines.train as train_stage
     from mlflow.tracking import MlflowClient
 
     tt = load_script()
@@ -298,9 +302,7 @@ def test_database_down_fails_clearly_then_runs_are_redone(team_server: TeamServe
                               tiny_raw(tracking={"experiment": experiment}))
         t0 = time.monotonic()
         with caplog.at_level(logging.ERROR):
-            rc = train_stage.main(["--params", str(params), "--processed",
-                                   str(tiny_data["processed"]), "--model-dir",
-                                   str(tmp_path / "models"), "--reports", str(tmp_path / "r")])
+            rc = run_train_stage(params, tiny_data["processed"], tmp_path)
         assert rc == 1
         assert f"cannot use MLflow store {tracking_env}" in caplog.text
         print(f"\ndatabase down: train exited 1 after {time.monotonic() - t0:.1f} s")
