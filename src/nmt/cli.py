@@ -63,7 +63,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
         params = load_params(args.params)
         uri = resolve_tracking_uri(params.tracking, args.params.resolve().parent)
         model = args.model or f"models:/{params.export.registered_model}@champion"
-        results = open_translator(model, uri)(sentences, args.beam, args.nbest, args.batch_size)
+        translate = open_translator(model, uri, int8=args.int8)
+        results = translate(sentences, args.beam, args.nbest, args.batch_size)
     except (ConfigError, ModelNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -97,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbest", type=int, default=None, help="hypotheses per sentence, printed as "
                    "INDEX<TAB>SCORE<TAB>TEXT when > 1")
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--int8", action="store_true", help="decode with an int8 copy of the model "
+                   "(CPU only; faster, outputs may differ slightly from fp32)")
     p.set_defaults(func=cmd_translate)
     return parser
 

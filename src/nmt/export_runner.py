@@ -205,7 +205,7 @@ class PortableTranslator:
             n, width, vocab = active.size(0), scores.size(1), log_probs.size(-1)
             cap = max_len[active]
             log_probs = _constrain(log_probs, (cap == t).repeat_interleave(width))
-            cand = (scores[:, :, None] + log_probs.view(n, width, vocab)).view(n, -1)
+            cand = log_probs.view(n, width, vocab).add_(scores[:, :, None]).view(n, -1)
             top_scores, top_idx = cand.topk(2 * k, dim=1)
             origin = top_idx // vocab + torch.arange(n)[:, None] * width
             tok = top_idx % vocab
@@ -224,9 +224,10 @@ class PortableTranslator:
             rows = origin.gather(1, pick).view(-1)
             tokens = _select(tokens, rows)
             tokens[:, :, t] = tok.gather(1, pick)
-            # done: the pool's worst beats any alive hypothesis's best possible final score
+            # done: the pool's nbest-th beats any alive hypothesis's best possible final score
             bound_penalty = ((5.0 + (cap + 1)) / 6.0) ** alpha  # penalty at the cap
-            done |= (fin_scores[:, -1] >= scores.max(dim=1).values / bound_penalty) | (cap == t)
+            best_possible = scores.max(dim=1).values / bound_penalty
+            done |= (fin_scores[:, nbest - 1] >= best_possible) | (cap == t)
             prev = tokens[:, :, t].reshape(-1)
             state = (*new_state, *state[3:])
             if bool(done.any()):

@@ -16,6 +16,10 @@ Request contract (`predict`, and `POST /invocations` of `mlflow models serve`):
   than MAX_SENTENCES sentences per request, more than MAX_CHARS characters in one sentence,
   out-of-range params. Sentences longer than the model's `max_src_tokens` pieces are truncated
   (`truncated: true`, and a warning in the server log), as in evaluation.
+
+Deploy-time option: with the environment variable `NMT_INT8=1` the server decodes with an int8
+copy of the model (`nmt.model.quantize`, CPU only; faster, outputs may differ slightly from
+fp32); unset or `0` keeps fp32.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -40,6 +45,7 @@ MAX_SENTENCES = 256  # per request; split bigger batches
 MAX_CHARS = 1000  # per sentence; the corpus has none above 400 (validate.max_chars)
 MAX_BEAM = 16
 WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "attribution"
+INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
 
 
 class Hypothesis(pydantic.BaseModel):
@@ -133,6 +139,9 @@ class TranslatorModel(PythonModel):
         src_tok, trg_tok = load_tokenizers(context.artifacts[TOKENIZERS])
         self.translator = Translator(model.eval(), src_tok, trg_tok,
                                      SearchConfig(**config["search"]), config["max_src_tokens"])
+        if int8_requested():
+            self.translator.to_int8()
+            log.info("%s=1: decoding with an int8 copy of the model", INT8_ENV)
 
     def predict(self, model_input: list[str], params: dict[str, Any] | None = None
                 ) -> list[TranslationOutput]:
@@ -147,6 +156,14 @@ class TranslatorModel(PythonModel):
         results = self.translator.translate(sentences, beam_size=beam, nbest=nbest,
                                             batch_size=batch)
         return [to_output(r) for r in results]
+
+
+def int8_requested() -> bool:
+    """The `NMT_INT8` deploy setting: "1" = int8, "" / "0" / unset = fp32, else an error."""
+    value = os.environ.get(INT8_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{INT8_ENV}={value!r}: use 1 (int8 decoding on CPU) or 0 (fp32)")
+    return value == "1"
 
 
 def to_output(result: Any) -> TranslationOutput:
@@ -171,19 +188,20 @@ def is_model_uri(ref: str) -> bool:
     return ref.startswith(("models:/", "runs:/")) or "://" in ref
 
 
-def open_translator(ref: str, tracking_uri: str) -> TranslateFn:
+def open_translator(ref: str, tracking_uri: str, int8: bool = False) -> TranslateFn:
     """A translate function for a local model dir, a local pyfunc dir or an MLflow model URI.
 
     Local train-stage folders (`model.pt`) use `Translator` directly; everything else is loaded
-    as the pyfunc. Empty sentences translate to "" without reaching the model.
+    as the pyfunc. Empty sentences translate to "" without reaching the model. int8: decode with
+    an int8 copy of the model (CPU only).
     Raises ModelNotFoundError naming the command that creates the missing model.
     """
     if not is_model_uri(ref):
         path = Path(ref)
         if (path / "MLmodel").is_file():
-            return _pyfunc_translate(_load_pyfunc(str(path)))
+            return _pyfunc_translate(_load_pyfunc(str(path), int8))
         if (path / "model.pt").is_file():
-            return _local_translate(path)
+            return _local_translate(path, int8)
         raise ModelNotFoundError(f"no model folder at {path}: create one with `dvc repro train` "
                                  "(or `dvc repro` for the whole pipeline)")
     _check_store(tracking_uri)
@@ -199,7 +217,7 @@ def open_translator(ref: str, tracking_uri: str) -> TranslateFn:
                 f"no version of registered model {name!r} has alias {alias!r} in {tracking_uri}: "
                 "create one with `dvc repro export` (or `dvc repro` for the whole pipeline)"
             ) from exc
-    return _pyfunc_translate(_load_pyfunc(ref))
+    return _pyfunc_translate(_load_pyfunc(ref, int8))
 
 
 def _check_store(tracking_uri: str) -> None:
@@ -211,20 +229,23 @@ def _check_store(tracking_uri: str) -> None:
                                      "export) first, or set MLFLOW_TRACKING_URI")
 
 
-def _load_pyfunc(ref: str) -> Any:
+def _load_pyfunc(ref: str, int8: bool) -> Any:
     import mlflow
 
     try:
-        return mlflow.pyfunc.load_model(ref)
+        model = mlflow.pyfunc.load_model(ref)
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"cannot load {ref}: {exc}; `dvc repro export` registers the "
                                  "project's model") from exc
+    if int8:
+        model.unwrap_python_model().translator.to_int8()
+    return model
 
 
-def _local_translate(model_dir: Path) -> TranslateFn:
+def _local_translate(model_dir: Path, int8: bool) -> TranslateFn:
     from nmt.translator import Translator
 
-    translator = Translator.from_model_dir(model_dir)
+    translator = Translator.from_model_dir(model_dir, int8=int8)
 
     def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
                   batch_size: int | None) -> list[TranslationOutput]:

@@ -26,12 +26,14 @@ import json
 import logging
 import os
 import re
+import secrets
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,6 +172,15 @@ def run_tags(repo_root: Path, data_dir: Path, extra: Mapping[str, str] | None = 
     return {k: str(v) for k, v in tags.items() if v}
 
 
+def default_run_name() -> str:
+    """`train-YYYYMMDD-HHMMSS-xxxx` (UTC, random suffix) for runs outside `dvc exp run`.
+
+    MLflow's own names come from Python's `random`, which the train stage seeds before the run
+    starts: every run would get the same name. `secrets` is not seeded.
+    """
+    return f"train-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
 def start_run(params: Params, repo_root: Path, tags: Mapping[str, str]) -> RunRef:
     """Create a RUNNING run in the params' experiment and log every param by dotted key."""
     uri = resolve_tracking_uri(params.tracking, repo_root)
@@ -178,7 +189,8 @@ def start_run(params: Params, repo_root: Path, tags: Mapping[str, str]) -> RunRe
     client = MlflowClient(uri)
     try:
         exp_id = _experiment_id(client, params.tracking.experiment, repo_root, uri)
-        run = client.create_run(exp_id, tags=dict(tags))
+        run_name = None if "mlflow.runName" in tags else default_run_name()
+        run = client.create_run(exp_id, tags=dict(tags), run_name=run_name)
         items = [Param(k, str(v)) for k, v in flatten(params)]
         for start in range(0, len(items), 100):
             client.log_batch(run.info.run_id, params=items[start : start + 100])

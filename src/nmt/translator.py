@@ -30,6 +30,7 @@ from nmt.data.corpus import normalize
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
+from nmt.model.quantize import is_quantized, quantize_int8
 from nmt.specials import SPECIAL_PIECES, UNK_ID
 
 log = logging.getLogger(__name__)
@@ -124,9 +125,12 @@ class Translator:
         self.max_src_tokens = max_src_tokens
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path | str,
-                       device: str | torch.device = "cpu") -> Translator:
-        """Load a model folder written by the train stage (search settings from its config)."""
+    def from_model_dir(cls, model_dir: Path | str, device: str | torch.device = "cpu",
+                       int8: bool = False) -> Translator:
+        """Load a model folder written by the train stage (search settings from its config).
+
+        int8: decode with an int8 copy of the model (`nmt.model.quantize`; CPU only).
+        """
         model_dir = Path(model_dir)
         missing = [n for n in (MODEL_FILE, CONFIG_FILE, TOKENIZERS_DIR)
                    if not (model_dir / n).exists()]
@@ -135,8 +139,20 @@ class Translator:
                                     f"{', '.join(missing)}); run `dvc repro train` first or "
                                     "pass --model-dir")
         model, src_tok, trg_tok, params = load_model(model_dir, map_location=device)
-        return cls(model, src_tok, trg_tok, params.evaluate.search,
-                   params.vectorize.max_src_tokens)
+        translator = cls(model, src_tok, trg_tok, params.evaluate.search,
+                         params.vectorize.max_src_tokens)
+        return translator.to_int8() if int8 else translator
+
+    def to_int8(self) -> Translator:
+        """Switch this translator to an int8 copy of its model (CPU only); returns self."""
+        if not is_quantized(self.model):
+            self.model = quantize_int8(self.model)
+        return self
+
+    @property
+    def int8(self) -> bool:
+        """True when decoding runs on an int8 copy of the model."""
+        return is_quantized(self.model)
 
     @property
     def device(self) -> torch.device:

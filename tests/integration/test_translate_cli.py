@@ -11,6 +11,7 @@ from test_export_registry import NAME, export_once
 
 from conftest import tiny_raw, write_params
 from nmt import cli
+from nmt.serving import INT8_ENV, int8_requested
 
 
 @pytest.fixture()
@@ -84,3 +85,27 @@ def test_request_outside_the_contract_is_an_error(exported: dict, capsys) -> Non
     rc, _, err = run(capsys, "--params", exported["params"], "--beam", "0", "Go.")
     assert rc == 1 and "beam_size" in err
     assert NAME
+
+
+@pytest.mark.parametrize("ref", ["model_dir", "runs"])
+def test_int8_decoding_of_a_folder_and_of_the_pyfunc(exported: dict, capsys, ref: str) -> None:
+    model = (exported["model_dir"] if ref == "model_dir"
+             else f"runs:/{exported['run_id']}/translator")
+    args = ["--params", exported["params"], "--model", model, "--beam", "2", "Be nice.", "Go."]
+    rc, fp32, err = run(capsys, *args)
+    assert rc == 0, err
+    rc, int8, err = run(capsys, *args, "--int8")
+    assert rc == 0, err
+    assert len(int8) == len(fp32) == 2 and all(int8)
+
+
+def test_serving_env_switches_the_pyfunc_to_int8(exported: dict,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"runs:/{exported['run_id']}/translator"
+    monkeypatch.setenv(INT8_ENV, "1")
+    assert mlflow.pyfunc.load_model(uri).unwrap_python_model().translator.int8
+    monkeypatch.setenv(INT8_ENV, "0")
+    assert not mlflow.pyfunc.load_model(uri).unwrap_python_model().translator.int8
+    monkeypatch.setenv(INT8_ENV, "yes")
+    with pytest.raises(ValueError, match="NMT_INT8='yes': use 1"):
+        int8_requested()

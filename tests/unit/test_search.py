@@ -145,6 +145,7 @@ class _CountingModel(nn.Module):
         super().__init__()
         self.model = model
         self.calls = 0
+        self.rows = 0
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
         return self.model.encode(src, src_lengths)
@@ -154,15 +155,37 @@ class _CountingModel(nn.Module):
 
     def step(self, state: DecoderState, prev: Tensor) -> tuple[Tensor, DecoderState, Tensor]:
         self.calls += 1
+        self.rows += prev.numel()
         return self.model.step(state, prev)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_best_stops_sooner_with_the_same_result(name: str) -> None:
+    # A sentence is done once its returned n-best can no longer change, so asking for fewer
+    # hypotheses decodes fewer rows but returns exactly the best of the full n-best search.
+    model = _CountingModel(make_lively_model(name))
+    src, lens = make_src([7, 4, 1, 5, 2, 6, 3, 8], seed=3)
+    rows = {}
+    results = {}
+    for nbest in (1, 2, 4):
+        model.rows = 0
+        results[nbest] = beam_search(model, src, lens,  # type: ignore[arg-type]
+                                     beam_size=4, nbest=nbest)
+        rows[nbest] = model.rows
+    for nbest in (1, 2):
+        assert [h[:nbest] for h in results[4].tokens] == results[nbest].tokens
+        torch.testing.assert_close(results[4].scores[:, :nbest], results[nbest].scores)
+        torch.testing.assert_close(results[4].attention, results[nbest].attention)
+    assert rows[1] <= rows[2] <= rows[4] and rows[1] < rows[4]
 
 
 def test_stop_at_eos_gives_empty_outputs() -> None:
     model = _CountingModel(make_model(eos_bias=100.0))
     src, lens = make_src([5, 2, 3])
-    # greedy stops after one step; beam (K = 5) after two: step 1 only finishes the one live
-    # hypothesis, step 2 finishes the other 4, each far better than any still alive.
-    for search, calls in ((greedy_search, 1), (partial(beam_search, length_penalty=0.0), 2),
+    # greedy and 1-best beam stop after one step; 5-best beam (K = 5) after two: step 1 only
+    # finishes the one live hypothesis, step 2 the other 4, each far better than any alive.
+    for search, calls in ((greedy_search, 1), (partial(beam_search, length_penalty=0.0), 1),
+                          (partial(beam_search, length_penalty=0.0, nbest=5), 2),
                           (beam_search, None)):
         model.calls = 0
         result = search(model, src, lens)  # type: ignore[operator]
@@ -170,7 +193,7 @@ def test_stop_at_eos_gives_empty_outputs() -> None:
         assert [h[0] for h in result.tokens] == [[], [], []]
         assert result.hit_max_len.tolist() == [False] * 3
         assert [tuple(a.shape) for a in result.attention] == [(1, 5), (1, 2), (1, 3)]
-        torch.testing.assert_close(result.scores, torch.zeros(3, 1), atol=1e-4, rtol=0)
+        torch.testing.assert_close(result.scores[:, :1], torch.zeros(3, 1), atol=1e-4, rtol=0)
 
 
 class _BigramModel(nn.Module):
@@ -207,6 +230,9 @@ def test_beam_keeps_searching_after_the_top_beam_ends() -> None:
     plain = beam_search(model, src, lens, beam_size=2, nbest=2,  # type: ignore[arg-type]
                         length_penalty=0.0)
     assert plain.tokens == [[[], [4]]]  # the top beam ended first, the search went on
+    one = beam_search(model, src, lens, beam_size=2, nbest=1,  # type: ignore[arg-type]
+                      length_penalty=1.0)
+    assert one.tokens == [[[4]]]  # the ended [] could still be beaten: not done at step 1
     expected = torch.tensor([[math.log(0.4), math.log(0.38 * 0.98)]])
     torch.testing.assert_close(plain.scores, expected)
     penalised = beam_search(model, src, lens, beam_size=2, nbest=2,  # type: ignore[arg-type]

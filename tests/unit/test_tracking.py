@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,22 @@ def test_http_retries_are_bounded_unless_the_environment_says_otherwise(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
     assert tracking.bound_http_retries()["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 5
+
+
+def test_runs_started_after_the_same_seed_get_different_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_params) -> None:
+    import random
+
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    params = dataclasses.replace(tiny_params, tracking=TrackingConfig(uri, "names"))
+    names = []
+    for _ in range(2):
+        random.seed(1234)  # what L.seed_everything does before the train stage starts its run
+        ref = tracking.start_run(params, tmp_path, tracking.run_tags(tmp_path, tmp_path))
+        names.append(MlflowClient(uri).get_run(ref.run_id).info.run_name)
+    assert names[0] != names[1]
+    assert all(re.fullmatch(r"train-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names), names
+    named = tracking.start_run(params, tmp_path, {"mlflow.runName": "lr-0.002"})
+    assert MlflowClient(uri).get_run(named.run_id).info.run_name == "lr-0.002"

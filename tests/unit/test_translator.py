@@ -11,6 +11,7 @@ import torch
 from nmt.config import ModelConfig, SearchConfig
 from nmt.data.vocab import CharTokenizer
 from nmt.model import build_model
+from nmt.model.quantize import is_quantized, quantize_int8
 from nmt.translator import InputError, Translator, read_lines
 
 CFG = ModelConfig(rnn="lstm", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
@@ -136,3 +137,29 @@ def test_read_lines_non_utf8_names_file_and_byte_offset(tmp_path: Path) -> None:
 def test_from_model_dir_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="not a model folder.*model.pt"):
         Translator.from_model_dir(tmp_path / "nope")
+
+
+def test_int8_copy_is_close_to_fp32_and_leaves_the_model_alone(translator: Translator) -> None:
+    fp32 = translator.model
+    src, lens = torch.tensor([[5, 6, 7, 2]]), torch.tensor([4])
+    with torch.inference_mode():
+        state = fp32.init_state(fp32.encode(src, lens))
+        expected, _, _ = fp32.step(state, torch.tensor([1]))
+    assert not translator.int8
+    assert translator.to_int8() is translator and translator.int8
+    assert translator.model is not fp32 and not is_quantized(fp32)
+    quantized = {type(m).__name__ for m in translator.model.modules() if is_quantized(m)}
+    assert {"Linear", "LSTM"} <= quantized
+    with torch.inference_mode():
+        q = translator.model
+        got, _, _ = q.step(q.init_state(q.encode(src, lens)), torch.tensor([1]))
+    assert got.shape == expected.shape
+    assert 0 < (got - expected).abs().max() < 0.1  # quantized, yet close to the fp32 model
+    (t,) = translator.translate(["thank you"], beam_size=3, nbest=2)
+    assert len(t.hypotheses) == 2 and t.scores == sorted(t.scores, reverse=True)
+
+
+def test_int8_refuses_a_model_off_the_cpu() -> None:
+    model = build_model(CFG, 8, 8).to("meta")
+    with pytest.raises(ValueError, match="CPU only, but the model is on meta"):
+        quantize_int8(model)
