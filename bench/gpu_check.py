@@ -150,7 +150,7 @@ MODEL_DIR = Path("/tmp/gpu_models")
 MINUTES = float(os.environ.get("GPU_MINUTES", "5"))
 GPU_PROFILE = {
     "train": {"accelerator": "gpu", "precision": "bf16-mixed", "batch_tokens": 12000,
-              "max_minutes": MINUTES, "max_epochs": 30, "num_threads": 0},
+              "max_minutes": MINUTES, "max_steps": -1, "max_epochs": 30, "num_threads": 0},
     "model": {"rnn": "lstm", "input_feeding": True, "hidden": 512, "emb_dim": 512},
 }
 

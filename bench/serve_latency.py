@@ -8,7 +8,8 @@ sentences/s of `--batches` requests of `--batch-size` sentences, sequentially (o
 within `--max-seconds` (the run stops early and says so). Sentences cycle through a fixed list of
 short English sentences; decoding uses the model's default beam unless `--beam` is given.
 Starting a server needs `mlflow` and `uvicorn` next to this Python (`--env-manager local`) and
-MLFLOW_TRACKING_URI (or `--tracking-uri`) pointing at the registry.
+MLFLOW_TRACKING_URI (or `--tracking-uri`) pointing at the registry; with NMT_INT8=1 in the
+environment the server decodes in int8 (the report then says `"int8": true`).
 """
 
 from __future__ import annotations
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if url is None:
             proc, url = start_server(args.model, args.tracking_uri, args.start_timeout)
-        print(json.dumps(measure(url, args), indent=2))
+        report = measure(url, args)
+        if proc is not None:  # the server this run started inherits the environment
+            report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
+        print(json.dumps(report, indent=2))
     except urllib.error.URLError as exc:
         print(f"error: {url}: {exc}", file=sys.stderr)
         return 1
