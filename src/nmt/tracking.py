@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -224,8 +225,16 @@ def kill_if_running(ref: RunRef) -> bool:
 
 # ------------------------------------------------------------------------------ logging
 def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log `metrics` at `step` with the current time.
+
+    A real timestamp matters when a stage logs the same keys again into the same run (evaluate
+    re-run after a decoding change): MLflow then shows the newest value, and logging a model
+    from the run (export) copies one value per key and step instead of failing on two values
+    with the same (key, timestamp, step).
+    """
     client = MlflowClient(ref.tracking_uri)
-    client.log_batch(ref.run_id, metrics=[Metric(k, float(v), 0, step)
+    now = int(time.time() * 1000)
+    client.log_batch(ref.run_id, metrics=[Metric(k, float(v), now, step)
                                           for k, v in metrics.items()])
 
 

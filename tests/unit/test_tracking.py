@@ -6,6 +6,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -108,3 +109,31 @@ def test_runs_started_after_the_same_seed_get_different_names(
     assert all(re.fullmatch(r"train-\d{8}-\d{6}-[0-9a-f]{4}", n) for n in names), names
     named = tracking.start_run(params, tmp_path, {"mlflow.runName": "lr-0.002"})
     assert MlflowClient(uri).get_run(named.run_id).info.run_name == "lr-0.002"
+
+
+class _Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        return model_input
+
+
+def test_metrics_logged_again_show_the_newest_and_a_model_can_still_be_logged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_params) -> None:
+    """evaluate re-run on the same training run, then export logs a model from that run."""
+    import time
+
+    monkeypatch.delenv(tracking.ENV_URI, raising=False)
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    params = dataclasses.replace(tiny_params, tracking=TrackingConfig(uri, "again"))
+    ref = tracking.start_run(params, tmp_path, {})
+    tracking.log_metrics(ref, {"test/bleu": 1.0, "test/sentences_per_s": 100.0})
+    time.sleep(0.01)
+    tracking.log_metrics(ref, {"test/bleu": 1.0, "test/sentences_per_s": 150.0})
+    client = MlflowClient(uri)
+    assert client.get_run(ref.run_id).data.metrics["test/sentences_per_s"] == 150.0
+    mlflow.set_tracking_uri(uri)
+    try:
+        with mlflow.start_run(run_id=ref.run_id):
+            info = mlflow.pyfunc.log_model(name="echo", python_model=_Echo())
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert info.run_id == ref.run_id
