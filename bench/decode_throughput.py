@@ -72,17 +72,26 @@ def _timed(fn: Callable[[], T], device: torch.device) -> tuple[T, float]:
     return result, time.perf_counter() - start
 
 
+def _loop_picks(n: int, loop_limit: int) -> np.ndarray:
+    """Evenly spaced source indices for the loop (the split keeps corpus order, and fra.txt is
+    sorted by sentence length)."""
+    return np.unique(np.linspace(0, n - 1, min(loop_limit, n)).astype(int))
+
+
+def _time_loop(translator: Translator, sources: list[str]) -> tuple[list[Translation], float]:
+    """One sentence per call, greedy: how the classic tutorial decodes."""
+    return _timed(lambda: [translator.translate([s], beam_size=1)[0] for s in sources],
+                  translator.device)
+
+
 def bench_device(translator: Translator, sources: list[str], references: list[list[str]],
                  loop_limit: int, batch_size: int,
                  beam: int) -> tuple[dict[str, object], list[Translation]]:
     """Time the three modes on the translator's device; also returns the beam outputs."""
     device = translator.device
     translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
-    # evenly spaced: the split keeps corpus order, and fra.txt is sorted by sentence length
-    picked = np.unique(np.linspace(0, len(sources) - 1, min(loop_limit, len(sources))).astype(int))
-    loop_src = [sources[i] for i in picked]
-    loop, loop_s = _timed(lambda: [translator.translate([s], beam_size=1)[0] for s in loop_src],
-                          device)
+    picked = _loop_picks(len(sources), loop_limit)
+    loop, loop_s = _time_loop(translator, [sources[i] for i in picked])
     greedy, greedy_s = _timed(lambda: translator.translate(sources, beam_size=1,
                                                            batch_size=batch_size), device)
     beamed, beam_s = _timed(lambda: translator.translate(sources, beam_size=beam, nbest=1,
@@ -107,9 +116,8 @@ def bench_int8(translator: Translator, sources: list[str], references: list[list
     """Batched beam and the one-at-a-time loop with the translator switched to int8 (CPU)."""
     translator.to_int8()
     translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
-    picked = np.unique(np.linspace(0, len(sources) - 1, min(loop_limit, len(sources))).astype(int))
-    loop, loop_s = _timed(lambda: [translator.translate([sources[i]], beam_size=1)[0]
-                                   for i in picked], translator.device)
+    picked = _loop_picks(len(sources), loop_limit)
+    loop, loop_s = _time_loop(translator, [sources[i] for i in picked])
     beamed, seconds = _timed(lambda: translator.translate(sources, beam_size=beam,
                                                           batch_size=batch_size), translator.device)
     same = sum(a.tokens == b.tokens for a, b in zip(beamed, fp32, strict=True)) / len(fp32)
