@@ -217,6 +217,18 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class ShortlistConfig:
+    top_k: int
+    frequent: int
+
+    def __post_init__(self) -> None:
+        p = "shortlist"
+        _require(self.top_k >= 0, f"{p}.top_k",
+                 f"must be >= 0 (0 = no shortlist), got {self.top_k}")
+        _require(self.frequent >= 0, f"{p}.frequent", f"must be >= 0, got {self.frequent}")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     search: SearchConfig
     sample_size: int
@@ -261,6 +273,7 @@ class Params:
     vectorize: VectorizeConfig
     model: ModelConfig
     train: TrainConfig
+    shortlist: ShortlistConfig
     evaluate: EvaluateConfig
     export: ExportConfig
     tracking: TrackingConfig
