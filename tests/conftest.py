@@ -127,7 +127,8 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny_trained: the train stage run once per session on `tiny_data` (evaluate and export reuse it)
+# tiny_trained: the train and shortlist stages run once per session on `tiny_data` (evaluate and
+# export reuse them)
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_data: dict[str, Path],
                  tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
@@ -163,4 +164,9 @@ def tiny_trained(tiny_data: dict[str, Path],
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     assert rc == 0, "train stage failed on the tiny profile"
+    import pipelines.shortlist as shortlist_stage
+
+    assert shortlist_stage.main(["--params", str(paths["params"]),
+                                 "--processed", str(paths["processed"]),
+                                 "--out", str(Path(paths["model_dir"]) / "shortlist.npz")]) == 0
     return paths

@@ -63,7 +63,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         params = load_params(args.params)
         uri = resolve_tracking_uri(params.tracking, args.params.resolve().parent)
         model = args.model or f"models:/{params.export.registered_model}@champion"
-        translate = open_translator(model, uri, int8=args.int8)
+        translate = open_translator(model, uri, int8=args.int8, full_vocab=args.full_vocab)
         results = translate(sentences, args.beam, args.nbest, args.batch_size)
     except (ConfigError, ModelNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--int8", action="store_true", help="decode with an int8 copy of the model "
                    "(CPU only; faster, outputs may differ slightly from fp32)")
+    p.add_argument("--full-vocab", action="store_true", help="search the whole target "
+                   "vocabulary instead of the model's lexical shortlist (slower)")
     p.set_defaults(func=cmd_translate)
     return parser
 

@@ -35,6 +35,7 @@ from nmt.checkpoint import RUN_FILE
 from nmt.config import EvaluateConfig
 from nmt.data.vectorize import load_split
 from nmt.io import atomic_dir, write_json, write_text
+from nmt.shortlist import Shortlist
 from nmt.translator import Translation, Translator
 
 log = logging.getLogger(__name__)
@@ -249,14 +250,15 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
 
     tracking.check_reachable(tracking.read_run_json(run_json).tracking_uri)  # fail before decoding
     translator = Translator(base.model, base.src_tok, base.trg_tok, cfg.search,
-                            base.max_src_tokens)
+                            base.max_src_tokens, base.shortlist)
     sources, references = load_split(processed_dir, "test").references()
     beam_size = cfg.search.beam_size
     log.info("decoding %d distinct test sources (beam %d, then greedy) on %s", len(sources),
              beam_size, device)
     beam, greedy = decode(translator, sources, beam_size), decode(translator, sources, 1)
     metrics = _metrics(sources, references, beam, greedy)
-    metrics.update({"decode/device": str(device), "decode/cpu_threads": torch.get_num_threads()})
+    metrics.update({"decode/device": str(device), "decode/cpu_threads": torch.get_num_threads(),
+                    "decode/shortlist": _describe(translator.shortlist)})
     lengths = [len(translator.src_tok.encode(s)) for s in sources]  # before any truncation
     by_length = bleu_by_length(lengths, references, {"bleu": beam.best,
                                                      "bleu_greedy": greedy.best},
@@ -277,6 +279,12 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
              metrics["test/bleu"], metrics["test/bleu_greedy"], metrics["test/chrf"],
              metrics["test/ter"], metrics["test/sentences_per_s"])
     return metrics
+
+
+def _describe(shortlist: Shortlist | None) -> str:
+    if shortlist is None:
+        return "off (full vocabulary)"
+    return f"top_k={shortlist.top_k}, frequent={shortlist.frequent}"
 
 
 def _metrics(sources: Sequence[str], references: Sequence[Sequence[str]], beam: Decoded,

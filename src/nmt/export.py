@@ -6,10 +6,12 @@ Order (nothing touches the registry until everything has been checked):
    `runner.json`, `tokenizers/`, `ATTRIBUTION.md` and the standalone runner `translate.py`
    (a copy of `nmt.export_runner`, torch + sentencepiece only);
 2. parity: the runner must return the eager model's tokens, greedy and beam, on
-   `export.parity_sentences` test sentences (`ExportError` otherwise);
+   `export.parity_sentences` test sentences (`ExportError` otherwise); the portable export
+   searches the full vocabulary, so it is compared with full-vocabulary eager search;
 3. the pyfunc (`nmt.serving`, models-from-code with the `nmt` package in `code/`; weights as
-   safetensors) is saved to a temporary folder, loaded back and must translate the tutorial's
-   examples into non-empty strings;
+   safetensors; the lexical shortlist `models/shortlist.npz` when there is one) is saved to a
+   temporary folder, loaded back and must translate the tutorial's examples into non-empty
+   strings;
 4. it is logged to the training run (`models/run.json`) and registered as a new version of
    `export.registered_model` (see `register_and_promote` for the gate and the rollback).
 
@@ -49,6 +51,7 @@ from nmt.evaluation import TUTORIAL_EXAMPLES
 from nmt.io import atomic_dir, write_json
 from nmt.model import DecoderState, EncoderOutput, Seq2Seq
 from nmt.serving import PYFUNC_NAME, model_code, write_artifacts
+from nmt.shortlist import SHORTLIST_FILE, Shortlist
 from nmt.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -290,7 +293,7 @@ def build_pyfunc_spec(translator: Translator, model_cfg: ModelConfig, model_dir:
     (work / "model_code.py").write_text(model_code(), encoding="utf-8")
     artifacts = write_artifacts(work / "artifacts", translator.model, model_cfg,
                                 model_dir / TOKENIZERS_DIR, translator.search,
-                                translator.max_src_tokens, attribution)
+                                translator.max_src_tokens, attribution, translator.shortlist)
     s = translator.search
     example = (list(TUTORIAL_EXAMPLES), {"beam_size": s.beam_size, "nbest": 1,
                                          "batch_size": s.batch_size})
@@ -502,13 +505,16 @@ def _export(params: Params, model_dir: Path, eval_metrics: Path, test_data: Path
     run = tracking.read_run_json(model_dir / RUN_FILE)
     test_bleu = read_test_bleu(eval_metrics, run)
     model, src_tok, trg_tok, model_params = load_model(model_dir)
+    lexicon = model_dir / SHORTLIST_FILE
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
-                            model_params.vectorize.max_src_tokens)
+                            model_params.vectorize.max_src_tokens,
+                            Shortlist.load(lexicon) if lexicon.exists() else None)
     sentences = parity_sentences(test_data, params.export.parity_sentences)
     with atomic_dir(out_dir) as tmp_out:  # replaces out_dir only if everything succeeds
         write_portable(model, model_dir, params.evaluate.search, translator.max_src_tokens,
                        attribution, tmp_out)
-        parity = check_parity(translator, tmp_out, sentences)
+        # the portable export searches the full vocabulary: compare it with that
+        parity = check_parity(translator.without_shortlist(), tmp_out, sentences)
         write_json(reports_dir / "parity.json", asdict(parity) | {"passed": parity.passed})
         if not parity.passed:
             raise ExportError(f"portable export differs from the eager model on "

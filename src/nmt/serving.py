@@ -45,6 +45,7 @@ MAX_SENTENCES = 256  # per request; split bigger batches
 MAX_CHARS = 1000  # per sentence; the corpus has none above 400 (validate.max_chars)
 MAX_BEAM = 16
 WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "attribution"
+SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models exported before lack it)
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
 
 
@@ -73,11 +74,13 @@ def model_code() -> str:
 
 
 def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Path, search: Any,
-                    max_src_tokens: int, attribution: Path) -> dict[str, str]:
+                    max_src_tokens: int, attribution: Path,
+                    shortlist: Any = None) -> dict[str, str]:
     """Write weights (safetensors), config JSON, tokenizers and attribution; return the mapping.
 
-    `model` is a `Seq2Seq` built from `model_cfg` (`ModelConfig`), `search` a `SearchConfig`;
-    the JSON records everything `build_model` and `Translator` need.
+    `model` is a `Seq2Seq` built from `model_cfg` (`ModelConfig`), `search` a `SearchConfig`,
+    `shortlist` an enabled `nmt.shortlist.Shortlist` or None; the JSON records everything
+    `build_model` and `Translator` need.
     """
     from safetensors.torch import save_model
 
@@ -90,8 +93,13 @@ def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Pa
                                          encoding="utf-8")
     shutil.copytree(tokenizers_dir, folder / "tokenizers")
     shutil.copy2(attribution, folder / "ATTRIBUTION.md")
-    return {WEIGHTS: str(folder / "weights.safetensors"), CONFIG: str(folder / "serving.json"),
-            TOKENIZERS: str(folder / "tokenizers"), ATTRIBUTION: str(folder / "ATTRIBUTION.md")}
+    artifacts = {WEIGHTS: str(folder / "weights.safetensors"),
+                 CONFIG: str(folder / "serving.json"), TOKENIZERS: str(folder / "tokenizers"),
+                 ATTRIBUTION: str(folder / "ATTRIBUTION.md")}
+    if shortlist is not None:
+        shortlist.save(folder / "shortlist.npz")
+        artifacts[SHORTLIST] = str(folder / "shortlist.npz")
+    return artifacts
 
 
 def _bad_request(message: str) -> MlflowException:
@@ -130,6 +138,7 @@ class TranslatorModel(PythonModel):
         from nmt.config import ModelConfig, SearchConfig
         from nmt.data.vocab import load_tokenizers
         from nmt.model import build_model
+        from nmt.shortlist import Shortlist
         from nmt.translator import Translator
 
         config = json.loads(Path(context.artifacts[CONFIG]).read_text(encoding="utf-8"))
@@ -137,8 +146,11 @@ class TranslatorModel(PythonModel):
                             config["trg_vocab_size"])
         load_model(model, context.artifacts[WEIGHTS])
         src_tok, trg_tok = load_tokenizers(context.artifacts[TOKENIZERS])
+        shortlist = (Shortlist.load(context.artifacts[SHORTLIST])
+                     if SHORTLIST in context.artifacts else None)
         self.translator = Translator(model.eval(), src_tok, trg_tok,
-                                     SearchConfig(**config["search"]), config["max_src_tokens"])
+                                     SearchConfig(**config["search"]), config["max_src_tokens"],
+                                     shortlist)
         if int8_requested():
             self.translator.to_int8()
             log.info("%s=1: decoding with an int8 copy of the model", INT8_ENV)
@@ -188,20 +200,21 @@ def is_model_uri(ref: str) -> bool:
     return ref.startswith(("models:/", "runs:/")) or "://" in ref
 
 
-def open_translator(ref: str, tracking_uri: str, int8: bool = False) -> TranslateFn:
+def open_translator(ref: str, tracking_uri: str, int8: bool = False,
+                    full_vocab: bool = False) -> TranslateFn:
     """A translate function for a local model dir, a local pyfunc dir or an MLflow model URI.
 
     Local train-stage folders (`model.pt`) use `Translator` directly; everything else is loaded
     as the pyfunc. Empty sentences translate to "" without reaching the model. int8: decode with
-    an int8 copy of the model (CPU only).
+    an int8 copy of the model (CPU only). full_vocab: ignore the model's lexical shortlist.
     Raises ModelNotFoundError naming the command that creates the missing model.
     """
     if not is_model_uri(ref):
         path = Path(ref)
         if (path / "MLmodel").is_file():
-            return _pyfunc_translate(_load_pyfunc(str(path), int8))
+            return _pyfunc_translate(_load_pyfunc(str(path), int8, full_vocab))
         if (path / "model.pt").is_file():
-            return _local_translate(path, int8)
+            return _local_translate(path, int8, full_vocab)
         raise ModelNotFoundError(f"no model folder at {path}: create one with `dvc repro train` "
                                  "(or `dvc repro` for the whole pipeline)")
     _check_store(tracking_uri)
@@ -217,7 +230,7 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False) -> Translat
                 f"no version of registered model {name!r} has alias {alias!r} in {tracking_uri}: "
                 "create one with `dvc repro export` (or `dvc repro` for the whole pipeline)"
             ) from exc
-    return _pyfunc_translate(_load_pyfunc(ref, int8))
+    return _pyfunc_translate(_load_pyfunc(ref, int8, full_vocab))
 
 
 def _check_store(tracking_uri: str) -> None:
@@ -229,7 +242,7 @@ def _check_store(tracking_uri: str) -> None:
                                      "export) first, or set MLFLOW_TRACKING_URI")
 
 
-def _load_pyfunc(ref: str, int8: bool) -> Any:
+def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:
     import mlflow
 
     try:
@@ -237,15 +250,18 @@ def _load_pyfunc(ref: str, int8: bool) -> Any:
     except (MlflowException, OSError) as exc:
         raise ModelNotFoundError(f"cannot load {ref}: {exc}; `dvc repro export` registers the "
                                  "project's model") from exc
+    python_model = model.unwrap_python_model()
+    if full_vocab:
+        python_model.translator = python_model.translator.without_shortlist()
     if int8:
-        model.unwrap_python_model().translator.to_int8()
+        python_model.translator.to_int8()
     return model
 
 
-def _local_translate(model_dir: Path, int8: bool) -> TranslateFn:
+def _local_translate(model_dir: Path, int8: bool, full_vocab: bool) -> TranslateFn:
     from nmt.translator import Translator
 
-    translator = Translator.from_model_dir(model_dir, int8=int8)
+    translator = Translator.from_model_dir(model_dir, int8=int8, shortlist=not full_vocab)
 
     def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
                   batch_size: int | None) -> list[TranslationOutput]:

@@ -11,16 +11,20 @@ Per call to `translate`:
    per call, `Translation.truncated`); pieces the tokenizer does not know become UNK
    (`Translation.unk_count`);
 4. sentences are sorted by length, decoded in batches of `batch_size` (beam search, or greedy
-   search when beam_size = 1) and returned in input order.
+   search when beam_size = 1) and returned in input order. With a lexical shortlist
+   (`nmt.shortlist`, `models/shortlist.npz`) each batch is searched over the target pieces its
+   source pieces make likely instead of the whole vocabulary.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -32,6 +36,7 @@ from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
 from nmt.model.quantize import is_quantized, quantize_int8
+from nmt.shortlist import SHORTLIST_FILE, Shortlist, ShortlistModel, output_layer
 from nmt.specials import SPECIAL_PIECES, UNK_ID
 
 log = logging.getLogger(__name__)
@@ -142,10 +147,13 @@ class Translator:
         src_tok, trg_tok: the tokenizers the model was trained with.
         search: default decoding settings (`evaluate.search` in params.yaml).
         max_src_tokens: sources are cut to this many tokens (`vectorize.max_src_tokens`).
+        shortlist: search each batch over this lexical shortlist (None or a disabled one: the
+            full vocabulary); it must fit the model's vocabularies.
     """
 
     def __init__(self, model: Seq2Seq, src_tok: Tokenizer, trg_tok: Tokenizer,
-                 search: SearchConfig, max_src_tokens: int) -> None:
+                 search: SearchConfig, max_src_tokens: int,
+                 shortlist: Shortlist | None = None) -> None:
         if max_src_tokens < 1:
             raise ValueError(f"max_src_tokens: must be >= 1, got {max_src_tokens}")
         self.model = model.eval()
@@ -153,13 +161,19 @@ class Translator:
         self.src_tok, self.trg_tok = src_tok, trg_tok
         self.search = search
         self.max_src_tokens = max_src_tokens
+        self.shortlist: Shortlist | None = None
+        self._output: tuple[Tensor, Tensor | None] | None = None
+        if shortlist is not None and shortlist.enabled:
+            shortlist.check_fits(model.src_vocab_size, model.trg_vocab_size, "Translator")
+            self.shortlist, self._output = shortlist, output_layer(model)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path | str, device: str | torch.device = "cpu",
-                       int8: bool = False) -> Translator:
+                       int8: bool = False, shortlist: bool = True) -> Translator:
         """Load a model folder written by the train stage (search settings from its config).
 
         int8: decode with an int8 copy of the model (`nmt.model.quantize`; CPU only).
+        shortlist: use the folder's `shortlist.npz` when it has one (False: full vocabulary).
         """
         model_dir = Path(model_dir)
         missing = [n for n in (MODEL_FILE, CONFIG_FILE, TOKENIZERS_DIR)
@@ -169,9 +183,17 @@ class Translator:
                                     f"{', '.join(missing)}); run `dvc repro train` first or "
                                     "pass --model-dir")
         model, src_tok, trg_tok, params = load_model(model_dir, map_location=device)
+        lexicon = model_dir / SHORTLIST_FILE
         translator = cls(model, src_tok, trg_tok, params.evaluate.search,
-                         params.vectorize.max_src_tokens)
+                         params.vectorize.max_src_tokens,
+                         Shortlist.load(lexicon) if shortlist and lexicon.exists() else None)
         return translator.to_int8() if int8 else translator
+
+    def without_shortlist(self) -> Translator:
+        """A translator over the same model that searches the full vocabulary."""
+        other = copy.copy(self)
+        other.shortlist, other._output = None, None
+        return other
 
     def to_int8(self) -> Translator:
         """Switch this translator to an int8 copy of its model (CPU only); returns self."""
@@ -244,11 +266,18 @@ class Translator:
         src, src_lengths = pad_sources(ids)  # (B, S) ids + EOS then PAD, (B,)
         src, src_lengths = src.to(self.device), src_lengths.to(self.device)
         s = self.search
+        shortlisted = None
+        if self.shortlist is not None and self._output is not None:
+            ids = self.shortlist.candidates(src).to(self.device)
+            shortlisted = ShortlistModel(self.model, ids, *self._output)
+        model = cast(Seq2Seq, self.model if shortlisted is None else shortlisted)
         if beam == 1:
-            return greedy_search(self.model, src, src_lengths, s.max_len_ratio, s.max_len_offset)
-        return beam_search(self.model, src, src_lengths, beam_size=beam,
-                           length_penalty=s.length_penalty, max_len_ratio=s.max_len_ratio,
-                           max_len_offset=s.max_len_offset, nbest=nbest)
+            result = greedy_search(model, src, src_lengths, s.max_len_ratio, s.max_len_offset)
+        else:
+            result = beam_search(model, src, src_lengths, beam_size=beam,
+                                 length_penalty=s.length_penalty, max_len_ratio=s.max_len_ratio,
+                                 max_len_offset=s.max_len_offset, nbest=nbest)
+        return result if shortlisted is None else shortlisted.to_vocabulary(result)
 
     def _translation(self, source: str, enc: _Encoded, result: SearchResult,
                      row: int) -> Translation:

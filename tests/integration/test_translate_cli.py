@@ -109,3 +109,18 @@ def test_serving_env_switches_the_pyfunc_to_int8(exported: dict,
     monkeypatch.setenv(INT8_ENV, "yes")
     with pytest.raises(ValueError, match="NMT_INT8='yes': use 1"):
         int8_requested()
+
+
+def test_pyfunc_ships_the_shortlist_and_full_vocab_turns_it_off(exported: dict, capsys) -> None:
+    from nmt.serving import _load_pyfunc
+
+    uri = f"runs:/{exported['run_id']}/translator"
+    shortlisted = _load_pyfunc(uri, int8=False, full_vocab=False).unwrap_python_model()
+    assert shortlisted.translator.shortlist is not None
+    assert shortlisted.translator.shortlist.top_k == 100  # the tiny profile keeps the default
+    full = _load_pyfunc(uri, int8=True, full_vocab=True).unwrap_python_model().translator
+    assert full.shortlist is None and full.int8
+    for model in (exported["model_dir"], uri):
+        args = ["--params", exported["params"], "--model", model, "--beam", "2", "Be nice."]
+        rc, lines, err = run(capsys, *args, "--full-vocab")
+        assert rc == 0 and len(lines) == 1 and lines[0], err

@@ -1,0 +1,204 @@
+"""Lexical shortlist: search scores only the target pieces likely for the sources at hand.
+
+Built once from the training pairs by the `shortlist` stage (params `shortlist`): for every
+source piece s, the `top_k` target pieces t seen in the most training pairs together with s
+(highest p(t | s) = pairs holding s and t / pairs holding s; ties by id), plus the `frequent`
+most frequent target pieces and the four specials. Decoding a batch then scores the union of the
+lists of its source pieces (about 2,900 of 8,000 pieces for 128 test sentences with the defaults),
+so the output projection, log-softmax and top-k, most of a beam step, shrink with it. As in
+Marian's lexical shortlists the log-softmax is taken over the shortlist, so scores differ slightly
+from full-vocabulary search; the evaluate stage scores what users get.
+
+`ShortlistModel` shows a `Seq2Seq` to `nmt.model.search` through a shortlist: token ids in and out
+of `step` are positions in the sorted shortlist, whose first four entries are the specials (so
+PAD/UNK/BOS/EOS keep their ids and the search needs no change); `to_vocabulary` maps results back.
+
+    models/shortlist.npz   offsets (V_src + 1,), targets, always, top_k, frequent, vocab sizes
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nmt.io import atomic_path
+from nmt.model import SearchResult, Seq2Seq
+from nmt.model.decoder import DecoderState
+from nmt.model.encoder import EncoderOutput
+from nmt.specials import SPECIAL_PIECES
+
+SHORTLIST_FILE = "shortlist.npz"
+NUM_SPECIALS = len(SPECIAL_PIECES)  # ids 0..3: PAD, UNK, BOS, EOS
+_FIELDS = ("offsets", "targets", "always", "top_k", "frequent", "src_vocab_size",
+           "trg_vocab_size")
+
+
+class ShortlistError(ValueError):
+    """A shortlist file is unreadable or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Shortlist:
+    """Per source piece s, candidate target ids `targets[offsets[s]:offsets[s + 1]]`.
+
+    always: sorted target ids every batch gets (specials + most frequent). top_k = 0 means the
+    stage was told to build no shortlist: `enabled` is False and search uses the full vocabulary.
+    """
+
+    offsets: np.ndarray  # (V_src + 1,) int64
+    targets: np.ndarray  # (offsets[-1],) int64
+    always: np.ndarray  # (A,) int64, sorted
+    top_k: int
+    frequent: int
+    src_vocab_size: int
+    trg_vocab_size: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.top_k > 0
+
+    def candidates(self, src: Tensor) -> Tensor:
+        """Sorted target ids for a batch of source ids (B, S) (PAD/EOS included), long (N,)."""
+        present = np.unique(src.detach().cpu().numpy())
+        present = present[(present >= 0) & (present < self.src_vocab_size)]
+        parts = [self.always] + [self.targets[self.offsets[s]:self.offsets[s + 1]]
+                                 for s in present.tolist()]
+        return torch.from_numpy(np.unique(np.concatenate(parts))).long()
+
+    def check_fits(self, src_vocab_size: int, trg_vocab_size: int, where: str) -> None:
+        """Raise ShortlistError unless built for these vocabulary sizes."""
+        if (self.src_vocab_size, self.trg_vocab_size) != (src_vocab_size, trg_vocab_size):
+            raise ShortlistError(
+                f"{where}: shortlist built for vocabularies {self.src_vocab_size}/"
+                f"{self.trg_vocab_size} (source/target), the model has {src_vocab_size}/"
+                f"{trg_vocab_size}; rebuild it with `dvc repro shortlist`")
+
+    def save(self, path: Path | str) -> None:
+        """Write the npz atomically (no pickle)."""
+        with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
+            arrays = {name: np.asarray(getattr(self, name)) for name in _FIELDS}
+            arrays["targets"] = arrays["targets"].astype(np.int32)  # half the size on disk
+            np.savez(fh, **arrays)
+
+    @classmethod
+    def load(cls, path: Path | str) -> Shortlist:
+        """Read a file written by `save`; ShortlistError naming the file if it is not one."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                values = {name: data[name] for name in _FIELDS}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ShortlistError(f"{path}: not a shortlist file ({exc}); rebuild it with "
+                                 "`dvc repro shortlist`") from exc
+        ints = {name: int(values[name]) for name in _FIELDS[3:]}
+        return cls(offsets=values["offsets"].astype(np.int64),
+                   targets=values["targets"].astype(np.int64),
+                   always=values["always"].astype(np.int64), **ints)
+
+
+def build_shortlist(src_seqs: Sequence[Sequence[int]], trg_seqs: Sequence[Sequence[int]],
+                    src_vocab_size: int, trg_vocab_size: int, top_k: int,
+                    frequent: int) -> Shortlist:
+    """Count source/target piece co-occurrence over sentence pairs and keep the top lists.
+
+    Args:
+        src_seqs, trg_seqs: token ids of the training pairs (no BOS/EOS), same length.
+        src_vocab_size, trg_vocab_size: vocabulary sizes (ids must be below them).
+        top_k: target pieces per source piece (0: an empty, disabled shortlist).
+        frequent: most frequent target pieces (by token count) added to every batch.
+    """
+    if len(src_seqs) != len(trg_seqs):
+        raise ValueError(f"{len(src_seqs)} source but {len(trg_seqs)} target sequences")
+    specials = np.arange(NUM_SPECIALS, dtype=np.int64)
+    if top_k == 0:
+        return Shortlist(np.zeros(src_vocab_size + 1, np.int64), np.zeros(0, np.int64), specials,
+                         0, frequent, src_vocab_size, trg_vocab_size)
+    src_unique = [np.unique(np.asarray(s, dtype=np.int64)) for s in src_seqs]
+    trg_unique = [np.unique(np.asarray(t, dtype=np.int64)) for t in trg_seqs]
+    pair_keys = np.concatenate([(s[:, None] * trg_vocab_size + t[None, :]).ravel()
+                                for s, t in zip(src_unique, trg_unique, strict=True)] or
+                               [np.zeros(0, np.int64)])
+    keys, counts = np.unique(pair_keys, return_counts=True)  # pairs holding both s and t
+    src_of, trg_of = keys // trg_vocab_size, keys % trg_vocab_size
+    # p(t | s) orders like the pair count within one s: sort by s, count desc, t
+    order = np.lexsort((trg_of, -counts, src_of))
+    src_of, trg_of = src_of[order], trg_of[order]
+    starts = np.searchsorted(src_of, np.arange(src_vocab_size))
+    ends = np.minimum(np.searchsorted(src_of, np.arange(src_vocab_size), side="right"),
+                      starts + top_k)
+    targets = np.concatenate([trg_of[a:b] for a, b in zip(starts, ends, strict=True)])
+    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+    token_counts = np.bincount(np.concatenate([np.asarray(t, dtype=np.int64) for t in trg_seqs]
+                                              or [np.zeros(0, np.int64)]),
+                               minlength=trg_vocab_size)
+    top = np.argsort(-token_counts, kind="stable")[:frequent]
+    always = np.union1d(specials, top[token_counts[top] > 0])
+    return Shortlist(offsets, targets.astype(np.int64), always, top_k, frequent, src_vocab_size,
+                     trg_vocab_size)
+
+
+def write_shortlist(processed_dir: Path | str, out: Path | str, top_k: int,
+                    frequent: int) -> Shortlist:
+    """The `shortlist` stage: build from the train split of `vectorize`'s folder, save to `out`."""
+    from nmt.data.vectorize import load_split  # pandas/pyarrow: not needed to decode
+    from nmt.data.vocab import load_tokenizers
+
+    processed_dir = Path(processed_dir)
+    src_tok, trg_tok = load_tokenizers(processed_dir / "tokenizers")
+    train = load_split(processed_dir, "train")
+    shortlist = build_shortlist(train.src, train.trg, src_tok.vocab_size, trg_tok.vocab_size,
+                                top_k, frequent)
+    shortlist.save(out)
+    return shortlist
+
+
+class ShortlistModel(nn.Module):
+    """`model` with its output layer cut to the target ids `ids` (sorted, specials first).
+
+    Quacks like `Seq2Seq` for `nmt.model.search` (encode, init_state, step); `weight` and
+    `bias` are the full output layer's fp32 parameters (V, E) and (V,) (kept aside when the
+    model itself is int8).
+    """
+
+    def __init__(self, model: Seq2Seq, ids: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        if ids.numel() < NUM_SPECIALS or not torch.equal(ids[:NUM_SPECIALS].cpu(),
+                                                         torch.arange(NUM_SPECIALS)):
+            raise ValueError("shortlist ids must be sorted and start with the special ids 0..3")
+        self.model = model
+        self.ids = ids
+        self.weight = weight.index_select(0, ids)  # (N, E)
+        self.bias = None if bias is None else bias.index_select(0, ids)  # (N,)
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+        return self.model.encode(src, src_lengths)
+
+    def init_state(self, enc: EncoderOutput) -> DecoderState:
+        return self.model.init_state(enc)
+
+    def step(self, state: DecoderState, prev: Tensor) -> tuple[Tensor, DecoderState, Tensor]:
+        """Like `Seq2Seq.step` with `prev` (B,) and the log probs (B, N) in shortlist positions."""
+        decoder = self.model.decoder
+        attn_vec, state, weights = decoder.step(state, decoder.embed(self.ids[prev]))
+        logits = attn_vec @ self.weight.t() if self.bias is None else torch.addmm(
+            self.bias, attn_vec, self.weight.t())
+        return logits.log_softmax(dim=-1), state, weights
+
+    def to_vocabulary(self, result: SearchResult) -> SearchResult:
+        """Map a search result's token positions back to vocabulary ids."""
+        ids = self.ids.tolist()
+        tokens = [[[ids[p] for p in hyp] for hyp in hyps] for hyps in result.tokens]
+        return SearchResult(tokens, result.scores, result.attention, result.hit_max_len)
+
+
+def output_layer(model: Seq2Seq) -> tuple[Tensor, Tensor | None]:
+    """The fp32 output projection (weight (V, E), bias (V,) or None) of a float model."""
+    layer = model.decoder.output
+    if not isinstance(layer.weight, Tensor):
+        raise ValueError("output_layer: the model is quantized; take the layer from the fp32 "
+                         "model before quantizing")
+    return layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
