@@ -3,11 +3,13 @@
 Built once from the training pairs by the `shortlist` stage (params `shortlist`): for every
 source piece s, the `top_k` target pieces t seen in the most training pairs together with s
 (highest p(t | s) = pairs holding s and t / pairs holding s; ties by id), plus the `frequent`
-most frequent target pieces and the four specials. Decoding a batch then scores the union of the
-lists of its source pieces (about 2,900 of 8,000 pieces for 128 test sentences with the defaults),
-so the output projection, log-softmax and top-k, most of a beam step, shrink with it. As in
-Marian's lexical shortlists the log-softmax is taken over the shortlist, so scores differ slightly
-from full-vocabulary search; the evaluate stage scores what users get.
+most frequent target pieces and the four specials. Decoding a batch computes the output layer
+for the union of its sentences' lists only (about 2,900 of 8,000 pieces for 128 test sentences
+with the defaults), so the output projection, log-softmax and top-k, most of a beam step, shrink
+with it; each sentence is then scored over its own list (the rest of the union is masked), so a
+sentence translates the same alone or in any batch. As in Marian's lexical shortlists the
+log-softmax is taken over the shortlist, so scores differ slightly from full-vocabulary search;
+the evaluate stage scores what users get.
 
 `ShortlistModel` shows a `Seq2Seq` to `nmt.model.search` through a shortlist: token ids in and out
 of `step` are positions in the sorted shortlist, whose first four entries are the specials (so
@@ -64,11 +66,22 @@ class Shortlist:
 
     def candidates(self, src: Tensor) -> Tensor:
         """Sorted target ids for a batch of source ids (B, S) (PAD/EOS included), long (N,)."""
-        present = np.unique(src.detach().cpu().numpy())
+        return torch.from_numpy(self._ids(np.unique(src.detach().cpu().numpy()))).long()
+
+    def batch(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """Shortlist of a batch (B, S): the union `ids` (N,) and `allowed` (B, N), bool, True
+        where ids[j] is on sentence b's own shortlist."""
+        rows = src.detach().cpu().numpy()
+        ids = self._ids(np.unique(rows))
+        allowed = np.stack([np.isin(ids, self._ids(np.unique(row)), assume_unique=True)
+                            for row in rows])
+        return torch.from_numpy(ids).long(), torch.from_numpy(allowed)
+
+    def _ids(self, present: np.ndarray) -> np.ndarray:
         present = present[(present >= 0) & (present < self.src_vocab_size)]
         parts = [self.always] + [self.targets[self.offsets[s]:self.offsets[s + 1]]
                                  for s in present.tolist()]
-        return torch.from_numpy(np.unique(np.concatenate(parts))).long()
+        return np.unique(np.concatenate(parts)).astype(np.int64)
 
     def check_fits(self, src_vocab_size: int, trg_vocab_size: int, where: str) -> None:
         """Raise ShortlistError unless built for these vocabulary sizes."""
@@ -156,15 +169,35 @@ def write_shortlist(processed_dir: Path | str, out: Path | str, top_k: int,
     return shortlist
 
 
+class _RowState(DecoderState):
+    """DecoderState that also knows each row's sentence (`sentence`, (rows,) long), through the
+    searches' row selections, so a step can apply each sentence's own shortlist."""
+
+    sentence: Tensor
+
+    def with_sentence(self, sentence: Tensor) -> _RowState:
+        self.sentence = sentence
+        return self
+
+    def index_select(self, idx: Tensor) -> _RowState:
+        return _RowState(*super().index_select(idx)).with_sentence(self.sentence[idx])
+
+    def reorder(self, idx: Tensor) -> _RowState:
+        return _RowState(*super().reorder(idx)).with_sentence(self.sentence[idx])
+
+
 class ShortlistModel(nn.Module):
     """`model` with its output layer cut to the target ids `ids` (sorted, specials first).
 
     Quacks like `Seq2Seq` for `nmt.model.search` (encode, init_state, step); `weight` and
     `bias` are the full output layer's fp32 parameters (V, E) and (V,) (kept aside when the
-    model itself is int8).
+    model itself is int8). With `allowed` (B, N) (`Shortlist.batch`), each sentence is scored
+    over its own shortlist only (the others' pieces get -inf before the log-softmax), so a
+    sentence translates the same alone or in any batch; without it, over the batch's union.
     """
 
-    def __init__(self, model: Seq2Seq, ids: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    def __init__(self, model: Seq2Seq, ids: Tensor, weight: Tensor, bias: Tensor | None,
+                 allowed: Tensor | None = None) -> None:
         super().__init__()
         if ids.numel() < NUM_SPECIALS or not torch.equal(ids[:NUM_SPECIALS].cpu(),
                                                          torch.arange(NUM_SPECIALS)):
@@ -173,20 +206,28 @@ class ShortlistModel(nn.Module):
         self.ids = ids
         self.weight = weight.index_select(0, ids)  # (N, E)
         self.bias = None if bias is None else bias.index_select(0, ids)  # (N,)
+        # (B, N) True = forbidden; None when every sentence may use every id
+        self.banned = None if allowed is None or bool(allowed.all()) else ~allowed.to(ids.device)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
         return self.model.encode(src, src_lengths)
 
     def init_state(self, enc: EncoderOutput) -> DecoderState:
-        return self.model.init_state(enc)
+        state = self.model.init_state(enc)
+        rows = torch.arange(state.mask.size(0), device=state.mask.device)
+        return _RowState(*state).with_sentence(rows)
 
     def step(self, state: DecoderState, prev: Tensor) -> tuple[Tensor, DecoderState, Tensor]:
         """Like `Seq2Seq.step` with `prev` (B,) and the log probs (B, N) in shortlist positions."""
         decoder = self.model.decoder
-        attn_vec, state, weights = decoder.step(state, decoder.embed(self.ids[prev]))
+        attn_vec, new_state, weights = decoder.step(state, decoder.embed(self.ids[prev]))
         logits = attn_vec @ self.weight.t() if self.bias is None else torch.addmm(
             self.bias, attn_vec, self.weight.t())
-        return logits.log_softmax(dim=-1), state, weights
+        if isinstance(state, _RowState):
+            new_state = _RowState(*new_state).with_sentence(state.sentence)
+            if self.banned is not None:
+                logits.masked_fill_(self.banned.index_select(0, state.sentence), float("-inf"))
+        return logits.log_softmax(dim=-1), new_state, weights
 
     def to_vocabulary(self, result: SearchResult) -> SearchResult:
         """Map a search result's token positions back to vocabulary ids."""

@@ -268,8 +268,8 @@ class Translator:
         s = self.search
         shortlisted = None
         if self.shortlist is not None and self._output is not None:
-            ids = self.shortlist.candidates(src).to(self.device)
-            shortlisted = ShortlistModel(self.model, ids, *self._output)
+            ids, allowed = self.shortlist.batch(src)
+            shortlisted = ShortlistModel(self.model, ids.to(self.device), *self._output, allowed)
         model = cast(Seq2Seq, self.model if shortlisted is None else shortlisted)
         if beam == 1:
             result = greedy_search(model, src, src_lengths, s.max_len_ratio, s.max_len_offset)

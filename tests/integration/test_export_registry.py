@@ -25,6 +25,7 @@ from nmt import tracking
 from nmt.checkpoint import load_model
 from nmt.config import load_params
 from nmt.evaluation import TUTORIAL_EXAMPLES
+from nmt.shortlist import SHORTLIST_FILE, Shortlist
 from nmt.translator import Translator
 
 NAME = "fra-eng-translator"
@@ -126,7 +127,8 @@ def test_registered_pyfunc_is_pickle_free_pinned_and_translates(exported: dict,
     files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
     assert not [f for f in files if f.endswith((".pkl", ".pt", ".ckpt"))]
     assert {"artifacts/weights.safetensors", "artifacts/ATTRIBUTION.md", "artifacts/serving.json",
-            "artifacts/tokenizers/meta.json", "code/nmt/serving.py"} <= files
+            "artifacts/tokenizers/meta.json", "artifacts/shortlist.npz",
+            "code/nmt/serving.py", "code/nmt/shortlist.py"} <= files
     requirements = (local / "requirements.txt").read_text().split()
     assert "torch==2.13.0" in requirements and all("==" in r for r in requirements)
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
@@ -151,7 +153,8 @@ def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
     model_dir = Path(exported["model_dir"])
     model, src_tok, trg_tok, model_params = load_model(model_dir)
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
-                            model_params.vectorize.max_src_tokens)
+                            model_params.vectorize.max_src_tokens,
+                            Shortlist.load(model_dir / SHORTLIST_FILE))  # as the stage does
     promotion, _ = nmt_export._publish(
         params, translator, model_params.model, model_dir, REPO / "data/external/ATTRIBUTION.md",
         tracking.read_run_json(model_dir / "run.json"), TEST_BLEU)

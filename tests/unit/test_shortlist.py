@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from nmt.config import ModelConfig, SearchConfig
 from nmt.data.vocab import CharTokenizer
@@ -152,3 +154,30 @@ def test_translator_refuses_a_shortlist_for_other_vocabularies() -> None:
     with pytest.raises(ShortlistError, match="Translator: shortlist built for vocabularies 8/16"):
         _char_translator(sl)
     assert _char_translator(build_shortlist(SRC, TRG, 8, 16, 0, 0)).shortlist is None
+
+
+def test_each_sentence_keeps_its_own_shortlist_inside_a_batch() -> None:
+    """Alone or batched with sentences that widen the union: the same tokens and scores."""
+    torch.manual_seed(3)
+    model = build_model(CFG, V, V).eval()
+    sl, _ = _random_shortlist(1)
+    src = torch.tensor([[5, 9, 3, 0], [20, 31, 7, 3], [38, 3, 0, 0]])
+    lengths = torch.tensor([3, 4, 2])
+
+    def decode(rows: list[int], search) -> tuple[list, Tensor]:  # noqa: ANN001
+        sub = src[rows][:, : int(lengths[rows].max())]
+        ids, allowed = sl.batch(sub)
+        wrapped = ShortlistModel(model, ids, *output_layer(model), allowed)
+        result = wrapped.to_vocabulary(search(wrapped, sub, lengths[rows]))
+        return result.tokens, result.scores
+
+    for search in (greedy_search, partial(beam_search, beam_size=3, nbest=2)):
+        together_tokens, together_scores = decode([0, 1, 2], search)
+        for i in range(3):
+            alone_tokens, alone_scores = decode([i], search)
+            assert alone_tokens[0] == together_tokens[i]
+            torch.testing.assert_close(alone_scores[0], together_scores[i])
+            own = set(sl.candidates(src[i : i + 1]).tolist())
+            assert all(set(h) <= own for h in alone_tokens[0])
+    ids, allowed = sl.batch(src)
+    assert allowed.shape == (3, len(ids)) and not bool(allowed.all())  # the union is wider
