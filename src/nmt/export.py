@@ -51,7 +51,7 @@ from nmt.evaluation import TUTORIAL_EXAMPLES
 from nmt.io import atomic_dir, write_json
 from nmt.model import DecoderState, EncoderOutput, Seq2Seq
 from nmt.serving import PYFUNC_NAME, model_code, write_artifacts
-from nmt.shortlist import SHORTLIST_FILE, Shortlist
+from nmt.shortlist import Shortlist
 from nmt.translator import Translator
 
 log = logging.getLogger(__name__)
@@ -505,10 +505,9 @@ def _export(params: Params, model_dir: Path, eval_metrics: Path, test_data: Path
     run = tracking.read_run_json(model_dir / RUN_FILE)
     test_bleu = read_test_bleu(eval_metrics, run)
     model, src_tok, trg_tok, model_params = load_model(model_dir)
-    lexicon = model_dir / SHORTLIST_FILE
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
                             model_params.vectorize.max_src_tokens,
-                            Shortlist.load(lexicon) if lexicon.exists() else None)
+                            Shortlist.in_model_dir(model_dir))
     sentences = parity_sentences(test_data, params.export.parity_sentences)
     with atomic_dir(out_dir) as tmp_out:  # replaces out_dir only if everything succeeds
         write_portable(model, model_dir, params.evaluate.search, translator.max_src_tokens,

@@ -97,8 +97,10 @@ def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Pa
                  CONFIG: str(folder / "serving.json"), TOKENIZERS: str(folder / "tokenizers"),
                  ATTRIBUTION: str(folder / "ATTRIBUTION.md")}
     if shortlist is not None:
-        shortlist.save(folder / "shortlist.npz")
-        artifacts[SHORTLIST] = str(folder / "shortlist.npz")
+        from nmt.shortlist import SHORTLIST_FILE
+
+        shortlist.save(folder / SHORTLIST_FILE)
+        artifacts[SHORTLIST] = str(folder / SHORTLIST_FILE)
     return artifacts
 
 

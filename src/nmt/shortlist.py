@@ -99,6 +99,12 @@ class Shortlist:
             np.savez(fh, **arrays)
 
     @classmethod
+    def in_model_dir(cls, model_dir: Path | str) -> Shortlist | None:
+        """The `SHORTLIST_FILE` of a model folder, or None when it has none."""
+        path = Path(model_dir) / SHORTLIST_FILE
+        return cls.load(path) if path.exists() else None
+
+    @classmethod
     def load(cls, path: Path | str) -> Shortlist:
         """Read a file written by `save`; ShortlistError naming the file if it is not one."""
         try:
@@ -150,8 +156,7 @@ def build_shortlist(src_seqs: Sequence[Sequence[int]], trg_seqs: Sequence[Sequen
                                minlength=trg_vocab_size)
     top = np.argsort(-token_counts, kind="stable")[:frequent]
     always = np.union1d(specials, top[token_counts[top] > 0])
-    return Shortlist(offsets, targets.astype(np.int64), always, top_k, frequent, src_vocab_size,
-                     trg_vocab_size)
+    return Shortlist(offsets, targets, always, top_k, frequent, src_vocab_size, trg_vocab_size)
 
 
 def write_shortlist(processed_dir: Path | str, out: Path | str, top_k: int,

@@ -36,7 +36,7 @@ from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
 from nmt.model.quantize import is_quantized, quantize_int8
-from nmt.shortlist import SHORTLIST_FILE, Shortlist, ShortlistModel, output_layer
+from nmt.shortlist import Shortlist, ShortlistModel, output_layer
 from nmt.specials import SPECIAL_PIECES, UNK_ID
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,9 @@ class Translator:
                                     f"{', '.join(missing)}); run `dvc repro train` first or "
                                     "pass --model-dir")
         model, src_tok, trg_tok, params = load_model(model_dir, map_location=device)
-        lexicon = model_dir / SHORTLIST_FILE
         translator = cls(model, src_tok, trg_tok, params.evaluate.search,
                          params.vectorize.max_src_tokens,
-                         Shortlist.load(lexicon) if shortlist and lexicon.exists() else None)
+                         Shortlist.in_model_dir(model_dir) if shortlist else None)
         return translator.to_int8() if int8 else translator
 
     def without_shortlist(self) -> Translator:

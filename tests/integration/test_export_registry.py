@@ -25,7 +25,7 @@ from nmt import tracking
 from nmt.checkpoint import load_model
 from nmt.config import load_params
 from nmt.evaluation import TUTORIAL_EXAMPLES
-from nmt.shortlist import SHORTLIST_FILE, Shortlist
+from nmt.shortlist import Shortlist
 from nmt.translator import Translator
 
 NAME = "fra-eng-translator"
@@ -154,7 +154,7 @@ def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
     model, src_tok, trg_tok, model_params = load_model(model_dir)
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
                             model_params.vectorize.max_src_tokens,
-                            Shortlist.load(model_dir / SHORTLIST_FILE))  # as the stage does
+                            Shortlist.in_model_dir(model_dir))  # as the stage does
     promotion, _ = nmt_export._publish(
         params, translator, model_params.model, model_dir, REPO / "data/external/ATTRIBUTION.md",
         tracking.read_run_json(model_dir / "run.json"), TEST_BLEU)
