@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nmt.config import TrainConfig
 from nmt.data.padding import pad_sources, pad_targets
-from nmt.data.vectorize import SplitData, load_split
+from nmt.data.vectorize import Ragged, SplitData, load_split
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,9 @@ def _identity(batch: Batch) -> Batch:
 
 
 def lengths_of(seqs: Sequence[np.ndarray], extra: int) -> np.ndarray:
+    """Length of each sequence plus `extra` (int64)."""
+    if isinstance(seqs, Ragged):
+        return seqs.lengths() + extra
     return np.fromiter((len(s) + extra for s in seqs), dtype=np.int64, count=len(seqs))
 
 
