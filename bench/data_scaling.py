@@ -48,8 +48,10 @@ def replicate(archive: Path, copies: int, out: Path, member: str) -> int:
         for copy in range(copies):
             marker = f" c{copy}".encode() if copy else b""
             for line in lines:
-                en, fr, *rest = line.split(b"\t")
-                fh.write(b"\t".join([en + marker, fr + marker, *rest]) + b"\n")
+                fields = line.split(b"\t")
+                if len(fields) >= 2:  # malformed lines stay as they are (validate rejects them)
+                    fields[:2] = [fields[0] + marker, fields[1] + marker]
+                fh.write(b"\t".join(fields) + b"\n")
     return len(lines) * copies
 
 
