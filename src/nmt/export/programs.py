@@ -41,6 +41,9 @@ RUNNER_FILE = "translate.py"
 # `nmt` modules the runner imports from `nmt_portable/` (torch, numpy, sentencepiece and the
 # standard library only; they import each other relatively).
 SHIPPED_MODULES = ("specials.py", "io.py", "model/search.py", "data/padding.py", "data/vocab.py")
+# The state tuple of `EncoderProgram` / `DecoderStepProgram` (runner.json "state": see the runner).
+STATE_LAYOUT = {"names": ["hidden", "cell", "attn_vec", "enc_out", "mask", "keys"],
+                "row_dims": [1, 1, 0, 0, 0, 0], "stepped": 3}
 
 
 def _masked_layer(rnn: nn.LSTM | nn.GRU, layer: int, reverse: bool, x: Tensor,
@@ -177,7 +180,7 @@ def write_portable(model: Seq2Seq, model_dir: Path, search: SearchConfig, max_sr
     out_dir.mkdir(parents=True, exist_ok=True)
     export_programs(model, out_dir)
     write_json(out_dir / RUNNER_CONFIG, {**asdict(search), "max_src_tokens": max_src_tokens,
-                                         "torch": torch.__version__})
+                                         "state": STATE_LAYOUT, "torch": torch.__version__})
     shutil.copytree(model_dir / TOKENIZERS_DIR, out_dir / TOKENIZERS_DIR)
     shutil.copy2(RUNNER_SOURCE, out_dir / RUNNER_FILE)
     write_search_code(out_dir)

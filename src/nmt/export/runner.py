@@ -12,9 +12,12 @@ Usage:
     python translate.py "Be nice." "Get out!"
     printf 'Drop it!\\n' | python translate.py --beam 5 --nbest 3
 
-The decoder state is a tuple of tensors: (hidden (L, N, H), cell (L, N, H), attn_vec (N, E),
-enc_out (N, S, H_enc), mask (N, S), keys (N, S, K)); for a GRU `cell` is zeros and passed through
-unchanged.
+The decoder state is a tuple of tensors described by `runner.json`'s "state" entry: field names,
+the dimension that holds the rows of each, and how many leading fields the decoder-step program
+returns updated (the rest, encoder-side, never change). The attention seq2seq state is
+(hidden (L, N, H), cell (L, N, H), attn_vec (N, E), enc_out (N, S, H_enc), mask (N, S),
+keys (N, S, K)), rows on dims (1, 1, 0, 0, 0, 0), three fields stepped; another architecture
+exports its own programs and layout and needs nothing else here.
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -71,32 +73,60 @@ def load_shipped(export_dir: Path, module: str) -> ModuleType:
     return importlib.import_module(f"{name}.{module}")
 
 
-class ExportedState(NamedTuple):
-    """Decoder state between exported steps (rows N), with the search's row selections."""
+@dataclass(frozen=True)
+class StateLayout:
+    """The decoder state tuple: field names, the row dimension of each, fields a step updates."""
 
-    hidden: Tensor
-    cell: Tensor
-    attn_vec: Tensor
-    enc_out: Tensor
-    mask: Tensor
-    keys: Tensor
+    names: tuple[str, ...]
+    row_dims: tuple[int, ...]
+    stepped: int  # the first `stepped` fields are returned updated by the decoder-step program
+
+    @classmethod
+    def from_json(cls, raw: dict) -> StateLayout:
+        return cls(tuple(raw["names"]), tuple(raw["row_dims"]), int(raw["stepped"]))
+
+
+class ExportedState:
+    """Decoder state between exported steps (N rows), with the search's row selections."""
+
+    def __init__(self, layout: StateLayout, fields: Sequence[Tensor]) -> None:
+        self.layout, self.fields = layout, tuple(fields)
+
+    def _field(self, name: str) -> Tensor:
+        return self.fields[self.layout.names.index(name)]
+
+    @property
+    def mask(self) -> Tensor:
+        """(N, S) bool, True on real source tokens."""
+        return self._field("mask")
+
+    @property
+    def enc_out(self) -> Tensor:
+        """(N, S, H_enc) encoder outputs."""
+        return self._field("enc_out")
 
     def index_select(self, idx: Tensor) -> ExportedState:
-        """Rows `idx` of every field (hidden and cell have rows on dim 1)."""
-        return ExportedState(*(s.index_select(1 if i < 2 else 0, idx)
-                               for i, s in enumerate(self)))
+        """Rows `idx` (M,) of every field."""
+        return ExportedState(self.layout, [f.index_select(d, idx) for f, d in
+                                           zip(self.fields, self.layout.row_dims, strict=True)])
 
     def reorder(self, idx: Tensor) -> ExportedState:
-        """Rows `idx` of the per-hypothesis fields only; the encoder fields are already right."""
-        return self._replace(hidden=self.hidden.index_select(1, idx),
-                             cell=self.cell.index_select(1, idx),
-                             attn_vec=self.attn_vec.index_select(0, idx))
+        """Rows `idx` of the stepped (per-hypothesis) fields; the encoder fields are right."""
+        k = self.layout.stepped
+        moved = [f.index_select(d, idx)
+                 for f, d in zip(self.fields[:k], self.layout.row_dims[:k], strict=True)]
+        return ExportedState(self.layout, [*moved, *self.fields[k:]])
+
+    def stepped(self, new: Sequence[Tensor]) -> ExportedState:
+        """This state with the stepped fields replaced by a step's outputs."""
+        return ExportedState(self.layout, [*new, *self.fields[self.layout.stepped:]])
 
 
 class ExportedModel:
     """The exported programs behind the step protocol of the shipped `model/search.py`."""
 
-    def __init__(self, export_dir: Path) -> None:
+    def __init__(self, export_dir: Path, layout: StateLayout) -> None:
+        self.layout = layout
         self.encoder = torch.export.load(export_dir / ENCODER_FILE).module().requires_grad_(False)
         self.decoder_step = torch.export.load(export_dir / STEP_FILE).module().requires_grad_(
             False)
@@ -106,13 +136,13 @@ class ExportedModel:
         return tuple(self.encoder(src, src_lengths))
 
     def init_state(self, encoder_output: tuple[Tensor, ...]) -> ExportedState:
-        return ExportedState(*encoder_output)
+        return ExportedState(self.layout, encoder_output)
 
     def step(self, state: ExportedState, prev_tokens: Tensor
              ) -> tuple[Tensor, ExportedState, Tensor]:
         """prev_tokens (N,) -> log_probs (N, V), the new state, attention weights (N, S)."""
-        log_probs, hidden, cell, attn_vec, weights = self.decoder_step(prev_tokens, *state)
-        return log_probs, state._replace(hidden=hidden, cell=cell, attn_vec=attn_vec), weights
+        log_probs, *new, weights = self.decoder_step(prev_tokens, *state.fields)
+        return log_probs, state.stepped(new), weights
 
 
 @dataclass(frozen=True)
@@ -134,7 +164,7 @@ class PortableTranslator:
     def __init__(self, export_dir: Path | str) -> None:
         folder = Path(export_dir)
         self.config = json.loads((folder / RUNNER_CONFIG).read_text(encoding="utf-8"))
-        self.model = ExportedModel(folder)
+        self.model = ExportedModel(folder, StateLayout.from_json(self.config["state"]))
         self._search = load_shipped(folder, "model.search")
         self._pad_sources = load_shipped(folder, "data.padding").pad_sources
         self.src_tok, self.trg_tok = load_shipped(folder, "data.vocab").load_tokenizers(
