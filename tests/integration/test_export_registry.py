@@ -257,3 +257,14 @@ def test_report_from_another_model_is_refused(exported: dict, tmp_path: Path) ->
     metrics.write_text(json.dumps({"test/chrf": 1.0}))
     with pytest.raises(export_lib.ExportError, match="test/bleu missing"):
         export_lib.read_test_bleu(metrics, ref)
+
+
+def test_untagged_champion_stops_the_gate_with_registry_error(exported: dict) -> None:
+    """A champion without a test_bleu tag (moved by hand) cannot be compared: nothing changes."""
+    client, name = MlflowClient(exported["uri"]), "gate-untagged"
+    _register(client, exported, name, 10.0)
+    client.delete_model_version_tag(name, "1", "test_bleu")
+    before = snapshot(client, name)
+    with pytest.raises(registry.RegistryError, match="version 1 \\(champion\\) has no test_bleu"):
+        _register(client, exported, name, 50.0)
+    assert snapshot(client, name) == before
