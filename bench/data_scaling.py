@@ -177,25 +177,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="data-scaling-"))
+    result: dict[str, Any] = {
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+        "machine_note": "shared machine: compare timings with the load averages beside them "
+                        "(1, 5, 15 min, before and after each stage); cpu_s is steadier",
+        "archive": str(args.archive), "sizes": args.sizes, "results": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        rows: list[dict[str, Any]] = []
         for copies in args.sizes:
-            rows += bench_size(args.archive.resolve(), copies, work.resolve(),
-                               args.params.resolve(),
-                               args.profile.resolve() if args.profile else None, args.timeout)
+            result["results"] += bench_size(
+                args.archive.resolve(), copies, work.resolve(), args.params.resolve(),
+                args.profile.resolve() if args.profile else None, args.timeout)
+            # written after every size, so a run stopped early keeps what it measured
+            args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n",
+                                                     encoding="utf-8")
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    result = {"cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-              "machine_note": "shared machine: compare timings with the load averages beside "
-                              "them (1, 5, 15 min, before and after each stage)",
-              "archive": str(args.archive), "sizes": args.sizes, "results": rows}
-    text = json.dumps(result, indent=2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(text + "\n", encoding="utf-8")
-    plot(rows, args.out.with_suffix(".png"))
-    print(text)
-    return 0 if all(r["exit_code"] == 0 for r in rows) else 1
+    plot(result["results"], args.out.with_suffix(".png"))
+    print(json.dumps(result, indent=2))
+    return 0 if all(r["exit_code"] == 0 for r in result["results"]) else 1
 
 
 if __name__ == "__main__":
