@@ -144,12 +144,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for stage in ("validate", "vectorize"):
+    for stage, color in (("validate", "tab:blue"), ("vectorize", "tab:orange")):
         done = [r for r in rows if r["stage"] == stage and r["exit_code"] == 0]
         x = [r["lines"] / 1e6 for r in done]
-        axes[0].plot(x, [r["wall_s"] for r in done], "o-", label=stage)
-        axes[1].plot(x, [r["peak_rss_mb"] / 1024 for r in done], "o-", label=stage)
-    axes[0].set(xlabel="pairs (millions)", ylabel="wall time (s)", title="time per stage")
+        axes[0].plot(x, [r["cpu_s"] for r in done], "o-", color=color, label=f"{stage} CPU")
+        axes[0].plot(x, [r["wall_s"] for r in done], "x--", color=color, alpha=0.5,
+                     label=f"{stage} wall (load-dependent)")
+        axes[1].plot(x, [r["peak_rss_mb"] / 1024 for r in done], "o-", color=color, label=stage)
+    axes[0].set(xlabel="pairs (millions)", ylabel="seconds", title="time per stage")
     axes[1].set(xlabel="pairs (millions)", ylabel="peak RSS (GiB)", title="peak memory per stage")
     axes[1].axhline(4, color="grey", linestyle="--", linewidth=1, label="4 GiB target")
     for ax in axes:
