@@ -32,6 +32,7 @@ from torch.export import Dim
 import nmt
 from nmt.checkpoint import TOKENIZERS_DIR
 from nmt.config import SearchConfig
+from nmt.export.errors import ExportError
 from nmt.export.runner import ENCODER_FILE, PACKAGE, RUNNER_CONFIG, STEP_FILE
 from nmt.io import write_json
 from nmt.model import DecoderState, EncoderOutput, Seq2Seq
@@ -176,7 +177,14 @@ def write_search_code(out_dir: Path) -> None:
 
 def write_portable(model: Seq2Seq, model_dir: Path, search: SearchConfig, max_src_tokens: int,
                    attribution: Path, out_dir: Path) -> None:
-    """Programs, runner config, tokenizers, runner, search code and attribution into `out_dir`."""
+    """Programs, runner config, tokenizers, runner, search code and attribution into `out_dir`.
+
+    Raises:
+        ExportError: the model is not the RNN `Seq2Seq` (no Transformer programs yet).
+    """
+    if not isinstance(model, Seq2Seq):
+        raise ExportError(f"the portable export supports model.arch rnn only, not "
+                          f"{type(model).__name__}; set model.arch: rnn to export (issue 17)")
     out_dir.mkdir(parents=True, exist_ok=True)
     export_programs(model, out_dir)
     write_json(out_dir / RUNNER_CONFIG, {**asdict(search), "max_src_tokens": max_src_tokens,
