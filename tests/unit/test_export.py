@@ -93,6 +93,15 @@ MODELS = {
                        rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
                        bidirectional=False, attention="luong_dot", input_feeding=False,
                        dropout=0.0, tie_embeddings=True),
+    # KV-cache state (dynamic target length), learned positions, dropout off in eval
+    "transformer": ModelConfig(arch="transformer",
+                               transformer=TransformerConfig(layers=2, heads=2, d_model=8,
+                                                             ff_dim=16, dropout=0.1,
+                                                             positions="learned",
+                                                             max_positions=64),
+                               rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
+                               bidirectional=False, attention="luong_dot",
+                               input_feeding=False, dropout=0.0, tie_embeddings=True),
 }
 
 

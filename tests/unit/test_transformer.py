@@ -1,4 +1,6 @@
-"""Transformer: teacher forcing == incremental decoding, search, masks, config, training."""
+"""Transformer: teacher forcing == incremental decoding, search, masks, config, training.
+
+The portable export and its parity gate run in tests/unit/test_export.py (MODELS)."""
 
 from __future__ import annotations
 
@@ -227,11 +229,10 @@ def test_training_steps_through_the_lightning_module_and_checkpoint_round_trip(
                                    module.model.eval()(src, lengths, trg_in))
 
 
-def test_translator_and_the_portable_export_refusal(tmp_path) -> None:
+
+def test_translator_decodes_a_transformer() -> None:
     from nmt.config import SearchConfig
     from nmt.data.vocab import CharTokenizer
-    from nmt.export.errors import ExportError
-    from nmt.export.programs import write_portable
     from nmt.translator import Translator
 
     tok = CharTokenizer(sorted(set("abcdefghij .")))
@@ -239,9 +240,7 @@ def test_translator_and_the_portable_export_refusal(tmp_path) -> None:
     model = build_model(CFG, tok.vocab_size, tok.vocab_size)
     search = SearchConfig(beam_size=3, length_penalty=0.6, max_len_ratio=1.5, max_len_offset=2,
                           nbest=2, batch_size=2)
-    translator = Translator(model, tok, tok, search, max_src_tokens=12)
-    out = translator.translate(["abc.", "be ade.", "a"])
+    out = Translator(model, tok, tok, search, max_src_tokens=12).translate(
+        ["abc.", "be ade.", "a"])
     assert [len(t.hypotheses) for t in out] == [2, 2, 2]
     assert out[0].attention.shape == (len(out[0].tokens[0]) + 1, len("abc.") + 1)
-    with pytest.raises(ExportError, match="model.arch rnn only"):
-        write_portable(model, tmp_path, search, 12, tmp_path / "ATTRIBUTION.md", tmp_path / "x")

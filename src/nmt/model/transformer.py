@@ -61,7 +61,7 @@ class TransformerState:
 
     def index_select(self, idx: Tensor) -> TransformerState:
         """Rows `idx` (M,) of every field: beam expansion or dropping finished sentences."""
-        return TransformerState(*(getattr(self, f).index_select(0, idx) for f in _FIELDS))
+        return TransformerState(*(getattr(self, f).index_select(0, idx) for f in STATE_FIELDS))
 
     def reorder(self, idx: Tensor) -> TransformerState:
         """Rows `idx` of the per-hypothesis cache only; row idx[i] shares row i's source."""
@@ -69,7 +69,7 @@ class TransformerState:
                        self_v=self.self_v.index_select(0, idx))
 
 
-_FIELDS = ("self_k", "self_v", "enc_out", "mask", "cross_k", "cross_v")
+STATE_FIELDS = ("self_k", "self_v", "enc_out", "mask", "cross_k", "cross_v")
 
 
 class _Embed(nn.Module):
