@@ -232,8 +232,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             mlflow.set_tracking_uri(uri)
         serve(model, host=args.host, port=args.port)
-    except (ConfigError, UsageError, ModelNotFoundError, MlflowException, OSError) as exc:
+    except (ConfigError, UsageError, ModelNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (MlflowException, OSError) as exc:
+        print(f"error: cannot load {model}: {exc}; `dvc repro export` registers the project's "
+              "model", file=sys.stderr)
         return 1
     return 0
 

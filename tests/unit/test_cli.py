@@ -71,3 +71,10 @@ def test_outside_a_project_says_what_to_pass(tmp_path: Path, capsys, monkeypatch
     assert "pass --model" in err and "MLFLOW_TRACKING_URI" in err and "Traceback" not in err
     assert main(["translate", "--model", "runs:/abc/translator", "Go."]) == 1
     assert "set MLFLOW_TRACKING_URI" in capsys.readouterr().err
+
+
+def test_serve_a_missing_model_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    assert main(["serve", "--model", str(tmp_path / "nothing"), "--port", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load") and "dvc repro export" in err
+    assert "Traceback" not in err
