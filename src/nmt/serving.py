@@ -12,10 +12,16 @@ Request contract (`predict`, and `POST /invocations` of `mlflow models serve`):
   `batch_size` (sentences decoded together, <= MAX_SENTENCES);
 - output: per sentence `{"translation", "score", "truncated", "nbest": [{"translation",
   "score"}, ...]}`, best first;
-- rejected with HTTP 400 / `MlflowException`: non-string values, empty or blank strings, more
-  than MAX_SENTENCES sentences per request, more than MAX_CHARS characters in one sentence,
-  out-of-range params. Sentences longer than the model's `max_src_tokens` pieces are truncated
-  (`truncated: true`, and a warning in the server log), as in evaluation.
+- rejected with HTTP 400 / `RequestRejected` (a one-line message that MLflow's server does not
+  prefix with the request): non-string values, empty or blank strings, text that is not valid
+  Unicode (lone surrogates, e.g. a JSON "\\udcff"), more than MAX_SENTENCES sentences per
+  request, more than MAX_CHARS characters in one sentence, out-of-range params. Sentences longer
+  than the model's `max_src_tokens` pieces are truncated (`truncated: true`, and a warning in the
+  server log), as in evaluation.
+
+Over HTTP, `nmt serve` (`nmt.rest`) puts a guard in front of MLflow's scoring app: bodies over
+`nmt.rest.MAX_BODY_BYTES`, other content types than JSON and unparsable or too deeply nested JSON
+get a short 400, and no error body carries a stack trace or more than a few hundred characters.
 
 Deploy-time option: with the environment variable `NMT_INT8=1` the server decodes with an int8
 copy of the model (`nmt.model.quantize`, CPU only; faster, outputs may differ slightly from
@@ -36,7 +42,10 @@ from typing import Any
 
 import pydantic
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+from nmt.text import unicode_problem
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +113,29 @@ def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Pa
     return artifacts
 
 
+class RequestRejected(MlflowException):
+    """HTTP 400 whose message stays as written.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by `predict` to
+    "Failed to predict data '<the whole request>'. Error: ...", which echoed a 30 MB sentence
+    back to its sender; this exception ignores that rewrite, so the body stays short.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property  # type: ignore[override]
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
 def _bad_request(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)  # HTTP 400 in the scoring server
+    return RequestRejected(message)  # HTTP 400 in the scoring server
 
 
 def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: int) -> None:
@@ -118,6 +148,8 @@ def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: 
             raise _bad_request(f"input {i}: expected a string, got {type(text).__name__}")
         if not text.strip():
             raise _bad_request(f"input {i}: empty sentence; send non-empty English text")
+        if problem := unicode_problem(text):
+            raise _bad_request(f"input {i}: {problem}; send UTF-8 text")
         if len(text) > MAX_CHARS:
             raise _bad_request(f"input {i}: {len(text)} characters; the limit is {MAX_CHARS} "
                                "per sentence (this model translates single sentences)")

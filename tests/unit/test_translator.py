@@ -186,3 +186,16 @@ def test_kept_freed_memory_means_fewer_page_faults() -> None:
                                        capture_output=True, text=True).stdout)
               for mode in ("default", "tuned")}
     assert faults["tuned"] * 1.5 < faults["default"], faults
+
+
+def test_text_that_is_not_unicode_is_named_before_decoding(translator: Translator,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise AssertionError("the model must not run when an input is rejected")
+
+    monkeypatch.setattr(translator.model, "encode", boom)
+    with pytest.raises(InputError, match=r"1 of 3 inputs .* sentence 2: not valid UTF-8 at "
+                                         r"character 3 \(byte 0xe9\)"):
+        translator.translate(["go.", "caf\udce9 time.", "hi"])
+    with pytest.raises(InputError, match="sentence 1"):
+        translator.source_pieces("\udcff bad")
