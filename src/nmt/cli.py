@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nmt.config import ConfigError, flatten, load_params
+from nmt.config import MAX_BEAM_SIZE, ConfigError, check_beam, flatten, load_params
 
 log = logging.getLogger("nmt")
 
@@ -53,6 +53,12 @@ def cmd_translate(args: argparse.Namespace) -> int:
     from nmt.serving import ModelNotFoundError, open_translator  # torch/mlflow: import late
     from nmt.tracking import resolve_tracking_uri
 
+    if args.beam is not None:  # before reading stdin or loading anything
+        try:
+            check_beam(args.beam, args.nbest or 1, beam_key="--beam", nbest_key="--nbest")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     sentences = list(args.sentences)
     if not sentences or sentences == ["-"]:
         if sys.stdin is None or (not sentences and sys.stdin.isatty()):
@@ -93,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder, runs:/..., models:/NAME@ALIAS "
                    "(default: models:/<export.registered_model>@champion)")
     p.add_argument("--params", type=Path, default=Path("params.yaml"))
-    p.add_argument("--beam", type=int, default=None, help="beam size, 1 = greedy "
-                   "(default: evaluate.search.beam_size)")
+    p.add_argument("--beam", type=int, default=None, help=f"beam size in [1, {MAX_BEAM_SIZE}], "
+                   "1 = greedy (default: evaluate.search.beam_size)")
     p.add_argument("--nbest", type=int, default=None, help="hypotheses per sentence, printed as "
                    "INDEX<TAB>SCORE<TAB>TEXT when > 1")
     p.add_argument("--batch-size", type=int, default=None)

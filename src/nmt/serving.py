@@ -38,6 +38,8 @@ import pydantic
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
+from nmt.config import beam_problem
+
 log = logging.getLogger(__name__)
 
 PYFUNC_NAME = "translator"  # LoggedModel name inside the training run
@@ -121,10 +123,8 @@ def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: 
         if len(text) > MAX_CHARS:
             raise _bad_request(f"input {i}: {len(text)} characters; the limit is {MAX_CHARS} "
                                "per sentence (this model translates single sentences)")
-    if not 1 <= beam_size <= MAX_BEAM:
-        raise _bad_request(f"params.beam_size: must be in [1, {MAX_BEAM}], got {beam_size}")
-    if not 1 <= nbest <= beam_size:
-        raise _bad_request(f"params.nbest: must be in [1, beam_size={beam_size}], got {nbest}")
+    if problem := beam_problem(beam_size, nbest, MAX_BEAM):
+        raise _bad_request(f"params.{problem[0]}: {problem[1]}")
     if not 1 <= batch_size <= MAX_SENTENCES:
         raise _bad_request(f"params.batch_size: must be in [1, {MAX_SENTENCES}], "
                            f"got {batch_size}")

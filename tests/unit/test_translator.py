@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import subprocess
 import sys
@@ -186,3 +187,14 @@ def test_kept_freed_memory_means_fewer_page_faults() -> None:
                                        capture_output=True, text=True).stdout)
               for mode in ("default", "tuned")}
     assert faults["tuned"] * 1.5 < faults["default"], faults
+
+
+def test_beam_wider_than_the_target_vocabulary(translator: Translator) -> None:
+    # 37 target ids; a beam of 40 asks the first step for 80 candidates (it used to raise
+    # "selected index k out of range"). The translator puts no upper bound on the beam.
+    assert translator.trg_tok.vocab_size < 40
+    wide = translator.translate(["be nice.", "go"], beam_size=40, nbest=3)
+    assert all(len(t.hypotheses) == 3 and all(map(math.isfinite, t.scores)) for t in wide)
+    assert all(t.scores == sorted(t.scores, reverse=True) for t in wide)
+    with pytest.raises(ValueError, match=r"^beam_size: must be >= 1, got 0$"):
+        translator.translate(["x"], beam_size=0)

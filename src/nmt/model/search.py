@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from nmt.config import check_beam
 from nmt.model.decoder import DecoderState
 from nmt.model.seq2seq import Seq2Seq
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
@@ -351,9 +352,8 @@ def _trim_attention(attn: Tensor, gen_len: Tensor, src_lengths: Tensor) -> list[
 
 def _check_args(*, beam_size: int, nbest: int, length_penalty: float, max_len_ratio: float,
                 max_len_offset: int) -> None:
+    check_beam(beam_size, nbest, max_beam=None)  # any width works here
     checks = [
-        (beam_size >= 1, "beam_size", f"must be >= 1, got {beam_size}"),
-        (1 <= nbest <= beam_size, "nbest", f"must be in [1, beam_size={beam_size}], got {nbest}"),
         (length_penalty >= 0, "length_penalty", f"must be >= 0, got {length_penalty}"),
         (max_len_ratio > 0, "max_len_ratio", f"must be > 0, got {max_len_ratio}"),
         (max_len_offset >= 0, "max_len_offset", f"must be >= 0, got {max_len_offset}"),
