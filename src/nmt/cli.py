@@ -51,7 +51,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_translate(args: argparse.Namespace) -> int:
     """Translate sentences given as arguments, or stdin lines (no arguments or `-`)."""
     from nmt.serving import ModelNotFoundError, open_translator  # torch/mlflow: import late
-    from nmt.tracking import resolve_tracking_uri
+    from nmt.tracking import TrackingError, resolve_tracking_uri
 
     if args.beam is not None:  # before reading stdin or loading anything
         try:
@@ -71,7 +71,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
         model = args.model or f"models:/{params.export.registered_model}@champion"
         translate = open_translator(model, uri, int8=args.int8, full_vocab=args.full_vocab)
         results = translate(sentences, args.beam, args.nbest, args.batch_size)
-    except (ConfigError, ModelNotFoundError, ValueError) as exc:
+    except (ConfigError, ModelNotFoundError, TrackingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for i, r in enumerate(results):

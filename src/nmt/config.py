@@ -27,7 +27,7 @@ class ConfigError(ValueError):
     """A params value is unknown, missing, mistyped or out of range."""
 
     def __init__(self, key: str, message: str) -> None:
-        self.key = key
+        self.key, self.reason = key, message
         super().__init__(f"{key}: {message} (edit params.yaml)")
 
 

@@ -51,6 +51,13 @@ SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models expor
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
 
 
+REEXPORT = "log the model again with `dvc repro export` (or `dvc repro --force export`)"
+
+
+class ArtifactError(ValueError):
+    """A file of a logged pyfunc model is unreadable; the message names it."""
+
+
 class Hypothesis(pydantic.BaseModel):
     """One translation with its search score (length-normalised log probability for beam)."""
 
@@ -135,6 +142,7 @@ class TranslatorModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Build the model from safetensors + JSON and the tokenizers; no unpickling."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         from nmt.config import ModelConfig, SearchConfig
@@ -143,10 +151,19 @@ class TranslatorModel(PythonModel):
         from nmt.shortlist import Shortlist
         from nmt.translator import Translator
 
-        config = json.loads(Path(context.artifacts[CONFIG]).read_text(encoding="utf-8"))
-        model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
-                            config["trg_vocab_size"])
-        load_model(model, context.artifacts[WEIGHTS])
+        config_path, weights_path = Path(context.artifacts[CONFIG]), context.artifacts[WEIGHTS]
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
+                                config["trg_vocab_size"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ArtifactError(f"{config_path}: not a readable serving config ({exc}); "
+                                f"{REEXPORT}") from exc
+        try:
+            load_model(model, weights_path)
+        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{weights_path}: not readable weights of this model (truncated?"
+                                f" {type(exc).__name__}: {str(exc)[:200]}); {REEXPORT}") from exc
         src_tok, trg_tok = load_tokenizers(context.artifacts[TOKENIZERS])
         shortlist = (Shortlist.load(context.artifacts[SHORTLIST])
                      if SHORTLIST in context.artifacts else None)
@@ -236,12 +253,16 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False,
 
 
 def _check_store(tracking_uri: str) -> None:
-    """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
+    """Refuse a SQLite store that does not exist (MLflow would create an empty one) or that is
+    not a readable SQLite file (TrackingError)."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():
             raise ModelNotFoundError(f"no MLflow store at {db}: run `dvc repro` (train ... "
                                      "export) first, or set MLFLOW_TRACKING_URI")
+        from nmt.tracking import check_sqlite_store
+
+        check_sqlite_store(db)  # TrackingError naming a corrupt file
 
 
 def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:
