@@ -363,3 +363,21 @@ def test_beam_wider_than_each_sentences_shortlist() -> None:
         assert len(want) == count
         assert result.tokens[b] == [w[0] for w in want[:3]]
         torch.testing.assert_close(result.scores[b], torch.tensor([w[1] for w in want[:3]]))
+
+
+@pytest.mark.parametrize(("beam", "nbest"), [(0, 1), (1, 0), (1, 1), (2, 3), (3, 3), (65, 1),
+                                             (200, 200), (-1, -1)])
+def test_search_argument_rule_is_the_config_rule_without_upper_bound(beam: int,
+                                                                     nbest: int) -> None:
+    # search.py ships without nmt.config (portable export), so it keeps its own copy of the rule
+    from nmt.config import beam_problem
+
+    model = make_model()
+    src, lens = make_src([3])
+    problem = beam_problem(beam, nbest, max_beam=None)
+    if problem is None:
+        beam_search(model, src, lens, beam_size=beam, nbest=nbest, max_len_offset=1)
+    else:
+        with pytest.raises(ValueError) as info:
+            beam_search(model, src, lens, beam_size=beam, nbest=nbest)
+        assert str(info.value) == f"{problem[0]}: {problem[1]}"
