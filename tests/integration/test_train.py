@@ -135,6 +135,9 @@ def test_killed_training_resumes_from_last_checkpoint(tiny_data: dict, tmp_path:
     steps = [int(r.split(",")[0]) for r in history]
     assert step in steps and steps == sorted(set(steps))  # history kept across the restart
     assert steps[0] <= 5 and steps[-1] == 30
+    rows = (tmp_path / "reports/train/steps.csv").read_text().splitlines()[1:]
+    logged = [int(r.split(",")[0]) for r in rows]  # progress rows kept across the restart
+    assert logged == list(range(2, 31, 2))  # log_every_steps 2
     assert min(m.step for m in client.get_metric_history(new, "train/loss")) > step
 
 
