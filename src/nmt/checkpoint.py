@@ -12,6 +12,7 @@ Sources must be built with `nmt.data.datamodule.pad_sources` (ids + EOS, then PA
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 from dataclasses import asdict
@@ -34,12 +35,19 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def save_model_file(path: Path, state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig,
                     src_vocab_size: int, trg_vocab_size: int, **extra: Any) -> None:
-    """Write `model.pt` atomically; `extra` must hold plain types only."""
+    """Write `model.pt` atomically; `extra` must hold plain types only.
+
+    Same state, same bytes: `torch.save` names its zip archive after the file it writes, so it
+    saves to a buffer (archive name `archive`) and the bytes are then written atomically;
+    saving straight to the random temporary path would make every file differ.
+    """
     payload = {"state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
                "model_config": asdict(model_cfg), "src_vocab_size": src_vocab_size,
                "trg_vocab_size": trg_vocab_size, **extra}
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 class ModelFileError(ValueError):

@@ -179,7 +179,7 @@ class TrainConfig:
     devices: int
     num_nodes: int
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"]
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"]
     num_threads: int
     optimizer: Literal["adam", "adamw"]
     lr: float
