@@ -353,7 +353,7 @@ def test_mlflow_model_artifacts_land_in_the_bucket_and_load_back(
     print(f"\nMLflow server (S3 artifacts) up in {time.monotonic() - t0:.1f} s")
     try:
         uri = f"http://127.0.0.1:{port}"
-        status = store.cli("status")
+        status = store.cli("status", "--backend", backend, "--port", str(port))
         assert status.returncode == 0, status.stdout
         assert "s3://nmt-mlflow/artifacts" in status.stdout and "s3 store       running" in (
             status.stdout)
