@@ -1,7 +1,8 @@
 """Stage `export`: model dir + test BLEU -> portable export, registered MLflow model, promotion.
 
 Params: export, evaluate.search, tracking. Registers a new version of `export.registered_model`
-(aliases `candidate`, and `champion` when the promotion gate passes); see `nmt.export`.
+(aliases `candidate`, and `champion` when the promotion gate passes); see `nmt.export.stage`
+and `nmt.registry`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from nmt.config import ConfigError, load_params
 from nmt.export import ExportError, export
+from nmt.registry import RegistryError
 from nmt.tracking import TrackingError
 
 log = logging.getLogger("export")
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, args.profile)
         result = export(params, args.model_dir, args.eval_metrics, args.test_data, args.out_dir,
                         args.reports, args.attribution)
-    except (ConfigError, ExportError, TrackingError, FileNotFoundError) as exc:
+    except (ConfigError, ExportError, RegistryError, TrackingError, FileNotFoundError) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 1
     p = result.promotion

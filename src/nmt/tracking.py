@@ -1,6 +1,7 @@
 """MLflow, in one place: tracking URI, runs, params, tags, artifacts and the run hand-off.
 
-Only this module (and the Lightning `MLFlowLogger` it builds) talks to MLflow.
+Only this module (and the Lightning `MLFlowLogger` it builds) talks to MLflow about runs; the
+model registry (versions, aliases, promotion) is `nmt.registry`.
 
 Tracking URI: the `MLFLOW_TRACKING_URI` environment variable, else `tracking.tracking_uri` from
 params. A relative SQLite path (`sqlite:///mlflow.db`) is resolved against the repository root,
@@ -236,6 +237,11 @@ def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int = 0) -> Non
     now = int(time.time() * 1000)
     client.log_batch(ref.run_id, metrics=[Metric(k, float(v), now, step)
                                           for k, v in metrics.items()])
+
+
+def logged_metrics(ref: RunRef) -> dict[str, float]:
+    """The run's latest value of every metric."""
+    return dict(MlflowClient(ref.tracking_uri).get_run(ref.run_id).data.metrics)
 
 
 def set_tags(ref: RunRef, tags: Mapping[str, str]) -> None:
