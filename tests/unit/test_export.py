@@ -14,8 +14,8 @@ import torch
 from mlflow.exceptions import MlflowException
 
 import nmt
+from nmt import text
 from nmt.config import ModelConfig, SearchConfig, TransformerConfig
-from nmt.data import corpus
 from nmt.data.vocab import CharTokenizer, save_tokenizers
 from nmt.export import runner as export_runner
 from nmt.export.parity import check_parity
@@ -31,12 +31,12 @@ SENTENCES = ["Be nice.", "Drop it!", "Get out!", "I am here.", "Go.", "Tom ate a
              "", "Who?"]
 
 
-def test_runner_normalize_matches_corpus() -> None:
-    assert export_runner._SPACE_LIKE == corpus._SPACE_LIKE
-    assert export_runner._INVISIBLE == corpus._INVISIBLE
-    assert export_runner._WHITESPACE.pattern == corpus._WHITESPACE.pattern
-    for text in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
-        assert export_runner.normalize(text) == corpus.normalize(text)
+def test_runner_normalize_matches_text() -> None:
+    assert export_runner._SPACE_LIKE == text._SPACE_LIKE
+    assert export_runner._INVISIBLE == text._INVISIBLE
+    assert export_runner._WHITESPACE.pattern == text._WHITESPACE.pattern
+    for raw in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
+        assert export_runner.normalize(raw) == text.normalize(raw)
 
 
 @pytest.mark.parametrize(("new", "champion", "margin", "promote"), [

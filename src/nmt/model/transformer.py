@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from nmt.config import ModelConfig
-from nmt.model.encoder import check_dtype, check_shapes
+from nmt.model.shapes import check_dtype, check_shapes
 from nmt.model.transformer_layers import DecoderLayer, EncoderLayer, PositionKind, Positions
 from nmt.specials import PAD_ID
 
