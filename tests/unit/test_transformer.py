@@ -5,15 +5,16 @@ The portable export and its parity gate run in tests/unit/test_export.py (MODELS
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import asdict
 
 import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_raw
+from conftest import REPO, tiny_raw
 from nmt.checkpoint import load_model_file, save_model_file
-from nmt.config import ConfigError, ModelConfig, TransformerConfig, parse_params
+from nmt.config import ConfigError, ModelConfig, TransformerConfig, load_params, parse_params
 from nmt.data.datamodule import Batch
 from nmt.lit_module import Seq2SeqModule
 from nmt.model import Transformer, TransformerState, beam_search, build_model, greedy_search
@@ -244,3 +245,20 @@ def test_translator_decodes_a_transformer() -> None:
         ["abc.", "be ade.", "a"])
     assert [len(t.hypotheses) for t in out] == [2, 2, 2]
     assert out[0].attention.shape == (len(out[0].tokens[0]) + 1, len("abc.") + 1)
+
+
+# sha256 over (name, bytes) of the default-params RNN's initial state_dict, seed `seed`, vocab
+# 8000/8000, built by the code before `model.arch` existed (torch as pinned in constraints.txt)
+RNN_INIT_SHA256 = "33e158a0d95f9f57c05621e456f0c675500ef0ba2295b585f6e19bba8ec17c71"
+
+
+def test_default_rnn_initial_weights_are_those_from_before_the_transformer() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert params.model.arch == "rnn"
+    torch.manual_seed(params.seed)
+    model = build_model(params.model, 8000, 8000)
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    assert digest.hexdigest() == RNN_INIT_SHA256
