@@ -16,7 +16,7 @@ from itertools import islice
 from pathlib import Path
 
 from nmt import __version__
-from nmt.config import ConfigError, flatten, load_params
+from nmt.config import MAX_BEAM_SIZE, ConfigError, check_beam, flatten, load_params
 from nmt.text import unicode_problem
 
 log = logging.getLogger("nmt")
@@ -168,7 +168,14 @@ def _chunks(items: Iterable[tuple[str | None, str | None]],
 def cmd_translate(args: argparse.Namespace) -> int:
     """Translate arguments or stdin lines, streamed in chunks; bad lines reported and skipped."""
     from nmt.serving import ModelNotFoundError, open_translator  # torch/mlflow: import late
+    from nmt.tracking import TrackingError
 
+    if args.beam is not None:  # before reading stdin or loading anything
+        try:
+            check_beam(args.beam, args.nbest or 1, beam_key="--beam", nbest_key="--nbest")
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
     sentences = list(args.sentences)
     from_stdin = not sentences or sentences == ["-"]
     if from_stdin and (sys.stdin is None or (not sentences and sys.stdin.isatty())):
@@ -177,7 +184,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
     try:
         model, uri = resolve_model(args.model, args.params)
         translate = open_translator(model, uri, int8=args.int8, full_vocab=args.full_vocab)
-    except (ConfigError, ModelNotFoundError, ValueError) as exc:
+    except (ConfigError, ModelNotFoundError, TrackingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     where = "stdin line" if from_stdin else "argument"
@@ -256,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model folder, runs:/..., models:/NAME@ALIAS "
                    "(default: models:/<export.registered_model>@champion)")
     p.add_argument("--params", type=Path, default=None, help=params_help)
-    p.add_argument("--beam", type=int, default=None, help="beam size, 1 = greedy "
-                   "(default: the model's evaluate.search.beam_size)")
+    p.add_argument("--beam", type=int, default=None, help=f"beam size in [1, {MAX_BEAM_SIZE}], "
+                   "1 = greedy (default: the model's evaluate.search.beam_size)")
     p.add_argument("--nbest", type=int, default=None, help="hypotheses per sentence, printed as "
                    "LINE<TAB>SCORE<TAB>TEXT when > 1 (LINE counts from 0)")
     p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together "

@@ -45,6 +45,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
+from nmt.config import beam_problem
 from nmt.text import unicode_problem
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,13 @@ MAX_BEAM = 16
 WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "attribution"
 SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models exported before lack it)
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
+
+
+REEXPORT = "log the model again with `dvc repro export` (or `dvc repro --force export`)"
+
+
+class ArtifactError(ValueError):
+    """A file of a logged pyfunc model is unreadable; the message names it."""
 
 
 class Hypothesis(pydantic.BaseModel):
@@ -153,10 +161,8 @@ def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: 
         if len(text) > MAX_CHARS:
             raise _bad_request(f"input {i}: {len(text)} characters; the limit is {MAX_CHARS} "
                                "per sentence (this model translates single sentences)")
-    if not 1 <= beam_size <= MAX_BEAM:
-        raise _bad_request(f"params.beam_size: must be in [1, {MAX_BEAM}], got {beam_size}")
-    if not 1 <= nbest <= beam_size:
-        raise _bad_request(f"params.nbest: must be in [1, beam_size={beam_size}], got {nbest}")
+    if problem := beam_problem(beam_size, nbest, MAX_BEAM):
+        raise _bad_request(f"params.{problem[0]}: {problem[1]}")
     if not 1 <= batch_size <= MAX_SENTENCES:
         raise _bad_request(f"params.batch_size: must be in [1, {MAX_SENTENCES}], "
                            f"got {batch_size}")
@@ -167,6 +173,7 @@ class TranslatorModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Build the model from safetensors + JSON and the tokenizers; no unpickling."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         from nmt.config import ModelConfig, SearchConfig
@@ -175,10 +182,19 @@ class TranslatorModel(PythonModel):
         from nmt.shortlist import Shortlist
         from nmt.translator import Translator
 
-        config = json.loads(Path(context.artifacts[CONFIG]).read_text(encoding="utf-8"))
-        model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
-                            config["trg_vocab_size"])
-        load_model(model, context.artifacts[WEIGHTS])
+        config_path, weights_path = Path(context.artifacts[CONFIG]), context.artifacts[WEIGHTS]
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
+                                config["trg_vocab_size"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ArtifactError(f"{config_path}: not a readable serving config ({exc}); "
+                                f"{REEXPORT}") from exc
+        try:
+            load_model(model, weights_path)
+        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{weights_path}: not readable weights of this model (truncated?"
+                                f" {type(exc).__name__}: {str(exc)[:200]}); {REEXPORT}") from exc
         src_tok, trg_tok = load_tokenizers(context.artifacts[TOKENIZERS])
         shortlist = (Shortlist.load(context.artifacts[SHORTLIST])
                      if SHORTLIST in context.artifacts else None)
@@ -268,12 +284,16 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False,
 
 
 def _check_store(tracking_uri: str) -> None:
-    """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
+    """Refuse a SQLite store that does not exist (MLflow would create an empty one) or that is
+    not a readable SQLite file (TrackingError)."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():
             raise ModelNotFoundError(f"no MLflow store at {db}: run `dvc repro` (train ... "
                                      "export) first, or set MLFLOW_TRACKING_URI")
+        from nmt.tracking import check_sqlite_store
+
+        check_sqlite_store(db)  # TrackingError naming a corrupt file
 
 
 def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from nmt.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZERS_DIR, load_model
-from nmt.config import SearchConfig
+from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
@@ -234,9 +234,9 @@ class Translator:
         if nbest is None and beam_size is not None:
             n = min(n, beam)
         batch = self.search.batch_size if batch_size is None else batch_size
-        if beam < 1 or not 1 <= n <= beam or batch < 1:
-            raise ValueError(f"need beam_size >= 1, 1 <= nbest <= beam_size and batch_size >= 1;"
-                             f" got beam_size={beam}, nbest={n}, batch_size={batch}")
+        check_beam(beam, n, max_beam=None)  # the search works for any width
+        if batch < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch}")
         check_text(sentences)
         sources = [normalize(s) for s in sentences]
         encoded = [self._encode(i, s) for i, s in enumerate(sources) if s]

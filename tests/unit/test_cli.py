@@ -78,3 +78,15 @@ def test_serve_a_missing_model_is_a_one_line_error(tmp_path: Path, capsys) -> No
     err = capsys.readouterr().err
     assert err.startswith("error: cannot load") and "dvc repro export" in err
     assert "Traceback" not in err
+
+
+def test_translate_rejects_a_beam_outside_the_range_before_loading(tmp_path: Path,
+                                                                   capsys) -> None:
+    missing = tmp_path / "no-model"  # nothing is loaded: the flag is checked first
+    for flags, message in ((["--beam", "100"], "--beam: must be in [1, 64], got 100"),
+                           (["--beam", "0"], "--beam: must be in [1, 64], got 0"),
+                           (["--beam", "3", "--nbest", "4"],
+                            "--nbest: must be in [1, beam_size=3], got 4")):
+        assert main(["translate", "--model", str(missing), *flags, "Hi."]) == 1
+        err = capsys.readouterr().err
+        assert err.strip() == f"error: {message}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import subprocess
 import sys
@@ -199,3 +200,14 @@ def test_text_that_is_not_unicode_is_named_before_decoding(translator: Translato
         translator.translate(["go.", "caf\udce9 time.", "hi"])
     with pytest.raises(InputError, match="sentence 1"):
         translator.source_pieces("\udcff bad")
+
+
+def test_beam_wider_than_the_target_vocabulary(translator: Translator) -> None:
+    # 37 target ids; a beam of 40 asks the first step for 80 candidates (it used to raise
+    # "selected index k out of range"). The translator puts no upper bound on the beam.
+    assert translator.trg_tok.vocab_size < 40
+    wide = translator.translate(["be nice.", "go"], beam_size=40, nbest=3)
+    assert all(len(t.hypotheses) == 3 and all(map(math.isfinite, t.scores)) for t in wide)
+    assert all(t.scores == sorted(t.scores, reverse=True) for t in wide)
+    with pytest.raises(ValueError, match=r"^beam_size: must be >= 1, got 0$"):
+        translator.translate(["x"], beam_size=0)
