@@ -5,7 +5,7 @@ The logged model holds no pickle: `model_code()` is the models-from-code file (i
 only `weights.safetensors`, `serving.json`, the tokenizer files (sentencepiece / JSON) and ships
 `ATTRIBUTION.md` (CC-BY 2.0 corpus notice) as an artifact.
 
-Request contract (`predict`, and `POST /invocations` of `mlflow models serve`):
+Request contract (`predict`, and `POST /invocations` of `nmt serve` and `mlflow models serve`):
 - input: English sentences, a list of strings (REST: `{"inputs": [...]}`), or a DataFrame whose
   first (only) column holds them;
 - params (all optional): `beam_size` (1 = greedy, <= MAX_BEAM), `nbest` (<= beam_size),

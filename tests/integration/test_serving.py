@@ -156,3 +156,22 @@ def test_latency_bench_against_the_server(server: str) -> None:
     report = json.loads(out.stdout)
     assert report["single"]["requests"] == 5 and report["single"]["p50_ms"] > 0
     assert report["batched"]["sentences_per_s"] > 0
+
+
+@pytest.mark.parametrize(("server", "command"), [(None, "-m nmt.cli serve --model"),
+                                                 ("mlflow", "mlflow models serve -m")])
+def test_latency_bench_starts_nmt_serve_unless_told(server: str | None, command: str,
+                                                    tmp_path: Path) -> None:
+    """`--model` starts `nmt serve` by default (`--server mlflow`: plain MLflow); a server that
+    cannot start is a one-line error naming the command to run by hand, exit 1."""
+    missing = tmp_path / "no-model"
+    extra = [] if server is None else ["--server", server]
+    out = subprocess.run([sys.executable, str(REPO / "bench/serve_latency.py"), "--model",
+                          str(missing), *extra, "--requests", "1", "--start-timeout", "120"],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                         env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    assert f"{command} {missing}" in lines[0]
+    assert "Traceback" not in out.stderr

@@ -1,4 +1,4 @@
-"""Export pieces without a registry: runner normalisation, promotion rule, request limits, pins,
+"""Export pieces without a registry: promotion rule, request limits, pins,
 the search code the export ships, and parity of the portable export on two random models (see
 MODELS)."""
 
@@ -29,14 +29,6 @@ from nmt.translator import Translator
 REPO = Path(__file__).resolve().parents[2]
 SENTENCES = ["Be nice.", "Drop it!", "Get out!", "I am here.", "Go.", "Tom ate an apple today.",
              "", "Who?"]
-
-
-def test_runner_normalize_matches_text() -> None:
-    assert export_runner._SPACE_LIKE == text._SPACE_LIKE
-    assert export_runner._INVISIBLE == text._INVISIBLE
-    assert export_runner._WHITESPACE.pattern == text._WHITESPACE.pattern
-    for raw in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
-        assert export_runner.normalize(raw) == text.normalize(raw)
 
 
 @pytest.mark.parametrize(("new", "champion", "margin", "promote"), [
@@ -162,3 +154,22 @@ def test_portable_runner_runs_the_eager_search_code(random_export: dict) -> None
     search_file = Path(runner._search.__file__).resolve()
     assert search_file == (shipped / "model/search.py").resolve()
     assert not search_file.is_relative_to(package.resolve())
+
+
+@pytest.mark.parametrize("random_export", ["gru"], indirect=True)
+def test_portable_runner_normalizes_with_the_shipped_text_module(random_export: dict) -> None:
+    """The export ships `nmt/text.py` unchanged and the runner normalises input with that copy,
+    so training, eager serving and the portable export share one `normalize`."""
+    shipped = random_export["dir"] / export_runner.PACKAGE / "text.py"
+    package_text = Path(text.__file__)
+    assert "text.py" in SHIPPED_MODULES
+    assert shipped.read_bytes() == package_text.read_bytes()
+    runner = load_runner(random_export["dir"]).PortableTranslator(random_export["dir"])
+    used = Path(runner._normalize.__code__.co_filename).resolve()
+    assert used == shipped.resolve()
+    assert not used.is_relative_to(package_text.parent.resolve())
+    for raw in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
+        assert runner._normalize(raw) == text.normalize(raw)
+    # the runner feeds that normalisation to the tokenizer: odd spacing translates the same
+    plain, odd = runner.translate(["Be nice.", "\u200bBe\u00a0 nice.\u202f"], beam_size=1)
+    assert odd.tokens == plain.tokens

@@ -7,8 +7,9 @@ search code, written into one folder that needs torch (numpy, sentencepiece) but
     runner.json        decoding settings (`evaluate.search`), max_src_tokens, torch version
     tokenizers/        the model's tokenizer files
     translate.py       the runner (`nmt.export.runner`), a command-line translator
-    nmt_portable/      unchanged copies of `SHIPPED_MODULES` (the search the eager model runs,
-                       padding and tokenizers), so the runner cannot drift from eager decoding
+    nmt_portable/      unchanged copies of `SHIPPED_MODULES` (input normalisation, the search the
+                       eager model runs, padding and tokenizers), so the runner cannot drift from
+                       eager decoding
     ATTRIBUTION.md     corpus licence
 
 These are the attention seq2seq's programs; a `Transformer` exports its own with a KV-cache state
@@ -44,7 +45,8 @@ RUNNER_SOURCE = Path(__file__).with_name("runner.py")
 RUNNER_FILE = "translate.py"
 # `nmt` modules the runner imports from `nmt_portable/` (torch, numpy, sentencepiece and the
 # standard library only; they import each other relatively).
-SHIPPED_MODULES = ("specials.py", "io.py", "model/search.py", "data/padding.py", "data/vocab.py")
+SHIPPED_MODULES = ("text.py", "specials.py", "io.py", "model/search.py", "data/padding.py",
+                   "data/vocab.py")
 # The state tuple of `EncoderProgram` / `DecoderStepProgram` (runner.json "state": see the runner).
 STATE_LAYOUT = {"names": ["hidden", "cell", "attn_vec", "enc_out", "mask", "keys"],
                 "row_dims": [1, 1, 0, 0, 0, 0], "stepped": 3}
