@@ -152,7 +152,39 @@ class VectorizeConfig:
 
 
 @dataclass(frozen=True)
+class TransformerConfig:
+    """`model.transformer`: the Transformer encoder-decoder (used when `model.arch` is it)."""
+
+    layers: int
+    heads: int
+    d_model: int
+    ff_dim: int
+    dropout: float
+    positions: Literal["sinusoidal", "learned"]
+    max_positions: int
+
+    def __post_init__(self) -> None:
+        p = "model.transformer"
+        for name in ("layers", "heads", "d_model", "ff_dim", "max_positions"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}",
+                     f"must be >= 1, got {getattr(self, name)}")
+        _require(self.d_model % self.heads == 0, f"{p}.d_model",
+                 f"must be a multiple of {p}.heads={self.heads}, got {self.d_model}")
+        _require(self.positions != "sinusoidal" or self.d_model % 2 == 0, f"{p}.d_model",
+                 f"must be even for sinusoidal positions, got {self.d_model}")
+        _require(0.0 <= self.dropout < 1.0, f"{p}.dropout", f"must be in [0, 1), got "
+                                                          f"{self.dropout}")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    """`model`: `arch` picks the RNN (the keys rnn .. dropout) or `transformer`.
+
+    `tie_embeddings` applies to both. `transformer` may be given as a plain dict (a config
+    read back from a checkpoint's `asdict`); it is built and checked like the params file.
+    """
+
+    arch: Literal["rnn", "transformer"]
     rnn: Literal["lstm", "gru"]
     emb_dim: int
     hidden: int
@@ -163,9 +195,13 @@ class ModelConfig:
     input_feeding: bool
     dropout: float
     tie_embeddings: bool
+    transformer: TransformerConfig
 
     def __post_init__(self) -> None:
         p = "model"
+        if isinstance(self.transformer, dict):  # from asdict(): checkpoints, pyfunc config
+            object.__setattr__(self, "transformer",
+                               _build(TransformerConfig, self.transformer, f"{p}.transformer"))
         for name in ("emb_dim", "hidden", "enc_layers", "dec_layers"):
             _require(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
         _require(0.0 <= self.dropout < 1.0, f"{p}.dropout", "must be in [0, 1)")
