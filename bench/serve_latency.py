@@ -1,15 +1,19 @@
 """Latency and throughput of the REST translator on 127.0.0.1; prints one JSON object.
 
     python bench/serve_latency.py --url http://127.0.0.1:5000            # a running server
-    python bench/serve_latency.py --model models:/fra-eng-translator@champion   # start one
+    python bench/serve_latency.py --model models:/fra-eng-translator@champion   # start `nmt serve`
+    python bench/serve_latency.py --model models/ --server mlflow  # plain `mlflow models serve`
 
 Measures p50/p95/max latency of one-sentence requests (`--requests`, after `--warmup`) and
 sentences/s of `--batches` requests of `--batch-size` sentences, sequentially (one client), all
 within `--max-seconds` (the run stops early and says so). Sentences cycle through a fixed list of
 short English sentences; decoding uses the model's default beam unless `--beam` is given.
-Starting a server needs `mlflow` and `uvicorn` next to this Python (`--env-manager local`) and
-MLFLOW_TRACKING_URI (or `--tracking-uri`) pointing at the registry; with NMT_INT8=1 in the
-environment the server decodes in int8 (the report then says `"int8": true`).
+`--model` starts `nmt serve` (MLflow's scoring app behind the request guard of `nmt.rest`, what
+users run) with this Python; `--server mlflow` starts `mlflow models serve --env-manager local`
+instead, to measure what the guard costs. Either needs `uvicorn` next to this Python, and a
+`models:/` URI needs MLFLOW_TRACKING_URI (or `--tracking-uri`) pointing at the registry, or for
+`nmt serve` a project (params.yaml) in the working directory. With NMT_INT8=1 in the environment
+the server decodes in int8 (the report then says `"int8": true`).
 """
 
 from __future__ import annotations
@@ -49,7 +53,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def start_server(model: str, tracking_uri: str | None, timeout_s: float
+def server_command(server: str, model: str, port: int) -> list[str]:
+    """The command line that serves `model` on 127.0.0.1:`port`: `nmt serve` or plain MLflow."""
+    if server == "nmt":
+        return [sys.executable, "-m", "nmt.cli", "serve", "--model", model,
+                "--host", "127.0.0.1", "--port", str(port)]
+    return [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", model,
+            "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+
+
+def start_server(server: str, model: str, tracking_uri: str | None, timeout_s: float
                  ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -58,9 +71,8 @@ def start_server(model: str, tracking_uri: str | None, timeout_s: float
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
-    proc = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model,
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(server_command(server, model, port), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
@@ -69,8 +81,12 @@ def start_server(model: str, tracking_uri: str | None, timeout_s: float
                 return proc, url
         except OSError:
             time.sleep(0.5)
+    code = proc.poll()
     stop(proc)
-    raise SystemExit(f"server for {model} not ready within {timeout_s:.0f} s")
+    what = (f"exited with code {code}" if code is not None
+            else f"not ready within {timeout_s:.0f} s")
+    raise SystemExit(f"error: {server} server for {model} {what}; run it by hand to see why: "
+                     f"{' '.join(server_command(server, model, port))}")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -117,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:5000")
     target.add_argument("--model", help="model URI to serve, e.g. models:/NAME@champion")
+    parser.add_argument("--server", choices=("nmt", "mlflow"), default="nmt",
+                        help="with --model: start `nmt serve` (default) or plain `mlflow models "
+                             "serve`")
     parser.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI")
     parser.add_argument("--requests", type=int, default=50, help="one-sentence requests")
     parser.add_argument("--warmup", type=int, default=3)
@@ -133,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     try:
         if url is None:
-            proc, url = start_server(args.model, args.tracking_uri, args.start_timeout)
+            proc, url = start_server(args.server, args.model, args.tracking_uri,
+                                     args.start_timeout)
         report = measure(url, args)
         if proc is not None:  # the server this run started inherits the environment
+            report["server"] = args.server
             report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
         print(json.dumps(report, indent=2))
     except urllib.error.URLError as exc:

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from nmt.checkpoint import ModelFileError
 from nmt.config import ConfigError, load_params
 from nmt.evaluation import TUTORIAL_EXAMPLES, evaluate
+from nmt.shortlist import ShortlistError
 from nmt.tracking import TrackingError
 from nmt.translator import InputError, read_lines
 
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = read_lines(args.examples) if args.examples else list(TUTORIAL_EXAMPLES)
         metrics = evaluate(params.evaluate, params.seed, args.model_dir, args.processed,
                            args.reports, examples=examples, device=device)
-    except (ConfigError, InputError, FileNotFoundError, TrackingError) as exc:
+    except (ConfigError, InputError, FileNotFoundError, TrackingError, ModelFileError,
+            ShortlistError) as exc:
         log.error("%s", exc)
         return 1
     log.info("test/bleu %.2f, test/chrf %.2f -> %s", metrics["test/bleu"], metrics["test/chrf"],

@@ -12,10 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
+from nmt.checkpoint import RUN_FILE, ModelFileError
 from nmt.config import ConfigError, load_params
 from nmt.export import ExportError, export
 from nmt.registry import RegistryError
-from nmt.tracking import TrackingError
+from nmt.shortlist import ShortlistError
+from nmt.tracking import TrackingError, check_reachable, read_run_json
 
 log = logging.getLogger("export")
 
@@ -37,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         params = load_params(args.params, args.profile)
+        run_json = args.model_dir / RUN_FILE
+        if run_json.is_file():  # a broken store fails here, naming its file, not in sqlalchemy
+            check_reachable(read_run_json(run_json).tracking_uri)
         result = export(params, args.model_dir, args.eval_metrics, args.test_data, args.out_dir,
                         args.reports, args.attribution)
-    except (ConfigError, ExportError, RegistryError, TrackingError, FileNotFoundError) as exc:
+    except (ConfigError, ExportError, RegistryError, TrackingError, FileNotFoundError,
+            ModelFileError, ShortlistError) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 1
     p = result.promotion

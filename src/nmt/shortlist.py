@@ -11,9 +11,10 @@ sentence translates the same alone or in any batch. As in Marian's lexical short
 log-softmax is taken over the shortlist, so scores differ slightly from full-vocabulary search;
 the evaluate stage scores what users get.
 
-`ShortlistModel` shows a `Seq2Seq` to `nmt.model.search` through a shortlist: token ids in and out
-of `step` are positions in the sorted shortlist, whose first four entries are the specials (so
-PAD/UNK/BOS/EOS keep their ids and the search needs no change); `to_vocabulary` maps results back.
+`ShortlistModel` shows a model (`Seq2Seq` or `Transformer`) to `nmt.model.search` through a
+shortlist: token ids in and out of `step` are positions in the sorted shortlist, whose first
+four entries are the specials (so PAD/UNK/BOS/EOS keep their ids and the search needs no
+change); `to_vocabulary` maps results back.
 
     models/shortlist.npz   offsets (V_src + 1,), targets, always, top_k, frequent, vocab sizes
 """
@@ -23,15 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from nmt.io import atomic_path
-from nmt.model import SearchResult, Seq2Seq
-from nmt.model.decoder import DecoderState
-from nmt.model.encoder import EncoderOutput
+from nmt.model import SearchResult, Seq2Seq, Transformer
+from nmt.model.search import SearchState
 from nmt.specials import SPECIAL_PIECES
 
 SHORTLIST_FILE = "shortlist.npz"
@@ -174,35 +175,42 @@ def write_shortlist(processed_dir: Path | str, out: Path | str, top_k: int,
     return shortlist
 
 
-class _RowState(DecoderState):
-    """DecoderState that also knows each row's sentence (`sentence`, (rows,) long), through the
-    searches' row selections, so a step can apply each sentence's own shortlist."""
+@dataclass(frozen=True)
+class _RowState:
+    """A model's decoder state (`SearchState`) plus each row's sentence (`sentence`, (rows,)
+    long), carried through the searches' row selections so a step can apply each sentence's
+    own shortlist. Works for any architecture's state (`DecoderState`, `TransformerState`)."""
 
+    inner: SearchState
     sentence: Tensor
 
-    def with_sentence(self, sentence: Tensor) -> _RowState:
-        self.sentence = sentence
-        return self
+    @property
+    def mask(self) -> Tensor:
+        return self.inner.mask
+
+    @property
+    def enc_out(self) -> Tensor:
+        return self.inner.enc_out
 
     def index_select(self, idx: Tensor) -> _RowState:
-        return _RowState(*super().index_select(idx)).with_sentence(self.sentence[idx])
+        return _RowState(self.inner.index_select(idx), self.sentence[idx])
 
     def reorder(self, idx: Tensor) -> _RowState:
-        return _RowState(*super().reorder(idx)).with_sentence(self.sentence[idx])
+        return _RowState(self.inner.reorder(idx), self.sentence[idx])
 
 
 class ShortlistModel(nn.Module):
     """`model` with its output layer cut to the target ids `ids` (sorted, specials first).
 
-    Quacks like `Seq2Seq` for `nmt.model.search` (encode, init_state, step); `weight` and
+    Quacks like the model for `nmt.model.search` (encode, init_state, step); `weight` and
     `bias` are the full output layer's fp32 parameters (V, E) and (V,) (kept aside when the
     model itself is int8). With `allowed` (B, N) (`Shortlist.batch`), each sentence is scored
     over its own shortlist only (the others' pieces get -inf before the log-softmax), so a
     sentence translates the same alone or in any batch; without it, over the batch's union.
     """
 
-    def __init__(self, model: Seq2Seq, ids: Tensor, weight: Tensor, bias: Tensor | None,
-                 allowed: Tensor | None = None) -> None:
+    def __init__(self, model: Seq2Seq | Transformer, ids: Tensor, weight: Tensor,
+                 bias: Tensor | None, allowed: Tensor | None = None) -> None:
         super().__init__()
         if ids.numel() < NUM_SPECIALS or not torch.equal(ids[:NUM_SPECIALS].cpu(),
                                                          torch.arange(NUM_SPECIALS)):
@@ -214,25 +222,29 @@ class ShortlistModel(nn.Module):
         # (B, N) True = forbidden; None when every sentence may use every id
         self.banned = None if allowed is None or bool(allowed.all()) else ~allowed.to(ids.device)
 
-    def encode(self, src: Tensor, src_lengths: Tensor) -> EncoderOutput:
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Any:
         return self.model.encode(src, src_lengths)
 
-    def init_state(self, enc: EncoderOutput) -> DecoderState:
+    def init_state(self, enc: Any) -> _RowState:
         state = self.model.init_state(enc)
-        rows = torch.arange(state.mask.size(0), device=state.mask.device)
-        return _RowState(*state).with_sentence(rows)
+        return _RowState(state, torch.arange(state.mask.size(0), device=state.mask.device))
 
-    def step(self, state: DecoderState, prev: Tensor) -> tuple[Tensor, DecoderState, Tensor]:
-        """Like `Seq2Seq.step` with `prev` (B,) and the log probs (B, N) in shortlist positions."""
+    def step(self, state: SearchState, prev: Tensor) -> tuple[Tensor, _RowState, Tensor]:
+        """Like the model's `step` with `prev` (B,) and log probs (B, N) in shortlist positions.
+
+        A state not from `init_state` is taken as one row per sentence. Goes through the
+        model's `decoder.embed` / `decoder.step` (the RNN `Decoder` and the `TransformerDecoder`
+        share them) and replaces its output layer.
+        """
+        if not isinstance(state, _RowState):
+            state = _RowState(state, torch.arange(state.mask.size(0), device=state.mask.device))
         decoder = self.model.decoder
-        attn_vec, new_state, weights = decoder.step(state, decoder.embed(self.ids[prev]))
-        logits = attn_vec @ self.weight.t() if self.bias is None else torch.addmm(
-            self.bias, attn_vec, self.weight.t())
-        if isinstance(state, _RowState):
-            new_state = _RowState(*new_state).with_sentence(state.sentence)
-            if self.banned is not None:
-                logits.masked_fill_(self.banned.index_select(0, state.sentence), float("-inf"))
-        return logits.log_softmax(dim=-1), new_state, weights
+        features, new_inner, weights = decoder.step(state.inner, decoder.embed(self.ids[prev]))
+        logits = features @ self.weight.t() if self.bias is None else torch.addmm(
+            self.bias, features, self.weight.t())
+        if self.banned is not None:
+            logits.masked_fill_(self.banned.index_select(0, state.sentence), float("-inf"))
+        return logits.log_softmax(dim=-1), _RowState(new_inner, state.sentence), weights
 
     def to_vocabulary(self, result: SearchResult) -> SearchResult:
         """Map a search result's token positions back to vocabulary ids."""
@@ -241,7 +253,7 @@ class ShortlistModel(nn.Module):
         return SearchResult(tokens, result.scores, result.attention, result.hit_max_len)
 
 
-def output_layer(model: Seq2Seq) -> tuple[Tensor, Tensor | None]:
+def output_layer(model: Seq2Seq | Transformer) -> tuple[Tensor, Tensor | None]:
     """The fp32 output projection (weight (V, E), bias (V,) or None) of a float model."""
     layer = model.decoder.output
     if not isinstance(layer.weight, Tensor):

@@ -1,4 +1,4 @@
-"""Export pieces without a registry: runner normalisation, promotion rule, request limits, pins,
+"""Export pieces without a registry: promotion rule, request limits, pins,
 the search code the export ships, and parity of the portable export on two random models (see
 MODELS)."""
 
@@ -14,8 +14,8 @@ import torch
 from mlflow.exceptions import MlflowException
 
 import nmt
-from nmt.config import ModelConfig, SearchConfig
-from nmt.data import corpus
+from nmt import text
+from nmt.config import ModelConfig, SearchConfig, TransformerConfig
 from nmt.data.vocab import CharTokenizer, save_tokenizers
 from nmt.export import runner as export_runner
 from nmt.export.parity import check_parity
@@ -29,14 +29,6 @@ from nmt.translator import Translator
 REPO = Path(__file__).resolve().parents[2]
 SENTENCES = ["Be nice.", "Drop it!", "Get out!", "I am here.", "Go.", "Tom ate an apple today.",
              "", "Who?"]
-
-
-def test_runner_normalize_matches_corpus() -> None:
-    assert export_runner._SPACE_LIKE == corpus._SPACE_LIKE
-    assert export_runner._INVISIBLE == corpus._INVISIBLE
-    assert export_runner._WHITESPACE.pattern == corpus._WHITESPACE.pattern
-    for text in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
-        assert export_runner.normalize(text) == corpus.normalize(text)
 
 
 @pytest.mark.parametrize(("new", "champion", "margin", "promote"), [
@@ -82,13 +74,26 @@ def test_check_request_accepts_limits() -> None:
 # Two random models between them cover LSTM and GRU, 1 and 2 layers, uni- and bidirectional
 # encoders, the four attentions' code paths (bahdanau/luong_dot here; luong_general and none share
 # the Luong step), input feeding and tied/untied embeddings.
+UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
+                              positions="sinusoidal", max_positions=64)  # arch rnn
 MODELS = {
-    "lstm": ModelConfig(rnn="lstm", emb_dim=8, hidden=8, enc_layers=2, dec_layers=2,
+    "lstm": ModelConfig(arch="rnn", transformer=UNUSED_TF,
+                        rnn="lstm", emb_dim=8, hidden=8, enc_layers=2, dec_layers=2,
                         bidirectional=True, attention="bahdanau", input_feeding=True,
                         dropout=0.1, tie_embeddings=False),
-    "gru": ModelConfig(rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
+    "gru": ModelConfig(arch="rnn", transformer=UNUSED_TF,
+                       rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
                        bidirectional=False, attention="luong_dot", input_feeding=False,
                        dropout=0.0, tie_embeddings=True),
+    # KV-cache state (dynamic target length), learned positions, dropout off in eval
+    "transformer": ModelConfig(arch="transformer",
+                               transformer=TransformerConfig(layers=2, heads=2, d_model=8,
+                                                             ff_dim=16, dropout=0.1,
+                                                             positions="learned",
+                                                             max_positions=64),
+                               rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
+                               bidirectional=False, attention="luong_dot",
+                               input_feeding=False, dropout=0.0, tie_embeddings=True),
 }
 
 
@@ -149,3 +154,22 @@ def test_portable_runner_runs_the_eager_search_code(random_export: dict) -> None
     search_file = Path(runner._search.__file__).resolve()
     assert search_file == (shipped / "model/search.py").resolve()
     assert not search_file.is_relative_to(package.resolve())
+
+
+@pytest.mark.parametrize("random_export", ["gru"], indirect=True)
+def test_portable_runner_normalizes_with_the_shipped_text_module(random_export: dict) -> None:
+    """The export ships `nmt/text.py` unchanged and the runner normalises input with that copy,
+    so training, eager serving and the portable export share one `normalize`."""
+    shipped = random_export["dir"] / export_runner.PACKAGE / "text.py"
+    package_text = Path(text.__file__)
+    assert "text.py" in SHIPPED_MODULES
+    assert shipped.read_bytes() == package_text.read_bytes()
+    runner = load_runner(random_export["dir"]).PortableTranslator(random_export["dir"])
+    used = Path(runner._normalize.__code__.co_filename).resolve()
+    assert used == shipped.resolve()
+    assert not used.is_relative_to(package_text.parent.resolve())
+    for raw in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
+        assert runner._normalize(raw) == text.normalize(raw)
+    # the runner feeds that normalisation to the tokenizer: odd spacing translates the same
+    plain, odd = runner.translate(["Be nice.", "\u200bBe\u00a0 nice.\u202f"], beam_size=1)
+    assert odd.tokens == plain.tokens

@@ -8,13 +8,16 @@ import itertools
 import pytest
 import torch
 
-from nmt.config import ModelConfig
+from nmt.config import ModelConfig, TransformerConfig
 from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.model.decoder import Decoder
 from nmt.specials import BOS_ID, PAD_ID
 
 SRC_V, TRG_V = 13, 11
-BASE = ModelConfig(rnn="lstm", emb_dim=6, hidden=5, enc_layers=1, dec_layers=1,
+UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
+                              positions="sinusoidal", max_positions=64)  # arch rnn
+BASE = ModelConfig(arch="rnn", transformer=UNUSED_TF,
+                   rnn="lstm", emb_dim=6, hidden=5, enc_layers=1, dec_layers=1,
                    bidirectional=True, attention="luong_general", input_feeding=False,
                    dropout=0.0, tie_embeddings=True)
 COMBOS = [

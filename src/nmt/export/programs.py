@@ -7,10 +7,13 @@ search code, written into one folder that needs torch (numpy, sentencepiece) but
     runner.json        decoding settings (`evaluate.search`), max_src_tokens, torch version
     tokenizers/        the model's tokenizer files
     translate.py       the runner (`nmt.export.runner`), a command-line translator
-    nmt_portable/      unchanged copies of `SHIPPED_MODULES` (the search the eager model runs,
-                       padding and tokenizers), so the runner cannot drift from eager decoding
+    nmt_portable/      unchanged copies of `SHIPPED_MODULES` (input normalisation, the search the
+                       eager model runs, padding and tokenizers), so the runner cannot drift from
+                       eager decoding
     ATTRIBUTION.md     corpus licence
 
+These are the attention seq2seq's programs; a `Transformer` exports its own with a KV-cache state
+(`nmt.export.transformer_programs`) and the same runner, search and folder layout.
 The encoder's RNN is re-implemented with `scan` (`torch.export` cannot trace packed sequences);
 the parity check (`nmt.export.parity`) compares the result with the eager model.
 """
@@ -32,15 +35,18 @@ from torch.export import Dim
 import nmt
 from nmt.checkpoint import TOKENIZERS_DIR
 from nmt.config import SearchConfig
+from nmt.export.errors import ExportError
 from nmt.export.runner import ENCODER_FILE, PACKAGE, RUNNER_CONFIG, STEP_FILE
+from nmt.export.transformer_programs import TRANSFORMER_LAYOUT, export_transformer_programs
 from nmt.io import write_json
-from nmt.model import DecoderState, EncoderOutput, Seq2Seq
+from nmt.model import DecoderState, EncoderOutput, Seq2Seq, Transformer
 
 RUNNER_SOURCE = Path(__file__).with_name("runner.py")
 RUNNER_FILE = "translate.py"
 # `nmt` modules the runner imports from `nmt_portable/` (torch, numpy, sentencepiece and the
 # standard library only; they import each other relatively).
-SHIPPED_MODULES = ("specials.py", "io.py", "model/search.py", "data/padding.py", "data/vocab.py")
+SHIPPED_MODULES = ("text.py", "specials.py", "io.py", "model/search.py", "data/padding.py",
+                   "data/vocab.py")
 # The state tuple of `EncoderProgram` / `DecoderStepProgram` (runner.json "state": see the runner).
 STATE_LAYOUT = {"names": ["hidden", "cell", "attn_vec", "enc_out", "mask", "keys"],
                 "row_dims": [1, 1, 0, 0, 0, 0], "stepped": 3}
@@ -174,13 +180,24 @@ def write_search_code(out_dir: Path) -> None:
                                             'stage; do not edit."""\n', encoding="utf-8")
 
 
-def write_portable(model: Seq2Seq, model_dir: Path, search: SearchConfig, max_src_tokens: int,
-                   attribution: Path, out_dir: Path) -> None:
-    """Programs, runner config, tokenizers, runner, search code and attribution into `out_dir`."""
+def write_portable(model: Seq2Seq | Transformer, model_dir: Path, search: SearchConfig,
+                   max_src_tokens: int, attribution: Path, out_dir: Path) -> None:
+    """Programs, runner config, tokenizers, runner, search code and attribution into `out_dir`.
+
+    The programs and runner.json's state layout follow the architecture (`Seq2Seq` here,
+    `Transformer` in `nmt.export.transformer_programs`); the runner and search are the same.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    export_programs(model, out_dir)
+    if isinstance(model, Transformer):
+        export_transformer_programs(model, out_dir)
+        layout = TRANSFORMER_LAYOUT
+    elif isinstance(model, Seq2Seq):
+        export_programs(model, out_dir)
+        layout = STATE_LAYOUT
+    else:
+        raise ExportError(f"no portable export for a {type(model).__name__} model")
     write_json(out_dir / RUNNER_CONFIG, {**asdict(search), "max_src_tokens": max_src_tokens,
-                                         "state": STATE_LAYOUT, "torch": torch.__version__})
+                                         "state": layout, "torch": torch.__version__})
     shutil.copytree(model_dir / TOKENIZERS_DIR, out_dir / TOKENIZERS_DIR)
     shutil.copy2(RUNNER_SOURCE, out_dir / RUNNER_FILE)
     write_search_code(out_dir)

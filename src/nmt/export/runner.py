@@ -3,7 +3,8 @@ sentencepiece for sentencepiece tokenizers), never the installed `nmt` package.
 
 The export stage (`nmt.export.programs`) copies this file to `models/export/translate.py` next to
 the exported programs, `runner.json`, `tokenizers/` and `nmt_portable/`: unchanged copies of
-`nmt.model.search`, `nmt.data.padding`, `nmt.data.vocab` (and what they import). Decoding runs
+`nmt.text` (input normalisation), `nmt.model.search`, `nmt.data.padding`, `nmt.data.vocab` (and
+what they import). Decoding runs
 that same search code, driven through its step protocol (`encode`, `init_state`, `step`) by
 `ExportedModel`, so the portable export and eager decoding cannot drift apart; the export stage
 still checks their tokens on test sentences before anything is registered.
@@ -28,9 +29,7 @@ import importlib
 import importlib.util
 import json
 import math
-import re
 import sys
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,20 +42,6 @@ RUNNER_CONFIG = "runner.json"
 ENCODER_FILE = "encoder.pt2"
 STEP_FILE = "decoder_step.pt2"
 PACKAGE = "nmt_portable"  # the shipped `nmt` modules
-
-# Copy of nmt.data.corpus.normalize (a unit test checks the two agree).
-# TODO(issue 15): ship `nmt/text.py` (torch- and pandas-free normalize) in nmt_portable instead.
-_SPACE_LIKE = dict.fromkeys(map(ord, "\u00a0\u202f\u2009\u2007\u2002\u2003"), " ")
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
-_WHITESPACE = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    """NFC, no-break/thin spaces to spaces, invisible characters removed, spaces collapsed."""
-    text = unicodedata.normalize("NFC", text)
-    text = text.translate(_SPACE_LIKE).translate(_INVISIBLE)
-    return _WHITESPACE.sub(" ", text).strip()
-
 
 def load_shipped(export_dir: Path, module: str) -> ModuleType:
     """`nmt_portable.<module>` from `export_dir`, imported under a name unique to that folder."""
@@ -165,6 +150,7 @@ class PortableTranslator:
         folder = Path(export_dir)
         self.config = json.loads((folder / RUNNER_CONFIG).read_text(encoding="utf-8"))
         self.model = ExportedModel(folder, StateLayout.from_json(self.config["state"]))
+        self._normalize = load_shipped(folder, "text").normalize
         self._search = load_shipped(folder, "model.search")
         self._pad_sources = load_shipped(folder, "data.padding").pad_sources
         self.src_tok, self.trg_tok = load_shipped(folder, "data.vocab").load_tokenizers(
@@ -191,7 +177,7 @@ class PortableTranslator:
         if beam < 1 or not 1 <= n <= beam or batch < 1:
             raise ValueError(f"need beam_size >= 1, 1 <= nbest <= beam_size, batch_size >= 1; "
                              f"got {beam}, {n}, {batch}")
-        sources = [normalize(s) for s in sentences]
+        sources = [self._normalize(s) for s in sentences]
         out = [Result([""] * n, [0.0] * n, [[] for _ in range(n)]) for _ in sources]
         encoded = sorted(((self.src_tok.encode(s)[: cfg["max_src_tokens"]], i)
                           for i, s in enumerate(sources) if s), key=lambda e: (len(e[0]), e[1]))

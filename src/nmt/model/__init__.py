@@ -1,4 +1,4 @@
-"""Plain-PyTorch attention seq2seq model and batched greedy / beam search.
+"""Plain-PyTorch models (attention RNN seq2seq, Transformer) and batched greedy / beam search.
 
 Imports torch only, so `from nmt.model import build_model, beam_search` works without the
 training stack.
@@ -13,6 +13,7 @@ from nmt.model.decoder import Decoder, DecoderState
 from nmt.model.encoder import Encoder, EncoderOutput
 from nmt.model.search import SearchResult, beam_search, greedy_search
 from nmt.model.seq2seq import Seq2Seq
+from nmt.model.transformer import Transformer, TransformerState, build_transformer
 from nmt.specials import PAD_ID
 
 __all__ = [
@@ -20,6 +21,8 @@ __all__ = [
     "EncoderOutput",
     "SearchResult",
     "Seq2Seq",
+    "Transformer",
+    "TransformerState",
     "beam_search",
     "build_model",
     "count_parameters",
@@ -29,8 +32,15 @@ __all__ = [
 INIT_RANGE = 0.1  # uniform(-0.1, 0.1) for weights, as in Luong et al. (2015)
 
 
-def build_model(cfg: ModelConfig, src_vocab_size: int, trg_vocab_size: int) -> Seq2Seq:
-    """Map the `model` params section to an initialised `Seq2Seq`."""
+def build_model(cfg: ModelConfig, src_vocab_size: int,
+                trg_vocab_size: int) -> Seq2Seq | Transformer:
+    """Map the `model` params section to an initialised `Seq2Seq` or `Transformer` (`arch`).
+
+    The RNN path draws from the global RNG exactly as before `arch` existed, so a seed gives
+    the same initial weights.
+    """
+    if cfg.arch == "transformer":
+        return build_transformer(cfg, src_vocab_size, trg_vocab_size)
     directions = 2 if cfg.bidirectional else 1
     encoder = Encoder(rnn=cfg.rnn, vocab_size=src_vocab_size, emb_dim=cfg.emb_dim,
                       hidden=cfg.hidden, layers=cfg.enc_layers, bidirectional=cfg.bidirectional,

@@ -13,7 +13,9 @@ Rules shared by both searches:
   score by the GNMT length penalty ((5 + n) / 6) ** alpha with n = generated tokens incl. EOS.
 - `hit_max_len` marks sentences whose best output has the maximum allowed length.
 
-Beam stopping rule: each step takes the top 2K of the K * V continuations. An EOS candidate
+Beam stopping rule: each step takes the top 2K of the K * V continuations (any K works: when
+there are fewer than 2K, e.g. K * V at the first step where K = 1, or a short shortlist, the
+missing places score -inf and are never finished or kept ahead of a real one). An EOS candidate
 ranked within the top K finishes a hypothesis (into a pool of the K best finished ones, by
 normalised score); the K best non-EOS candidates stay alive, so the beam never shrinks. A
 sentence is done when its pool holds the `nbest` hypotheses to return and the last of them is
@@ -291,7 +293,7 @@ def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_le
     at_cap = (max_len == t).repeat_interleave(prev_beam)  # (A * k,)
     log_probs = _constrain_(log_probs, at_cap).view(batch, prev_beam, vocab)
     cand = log_probs.add_(beams.scores[:, :, None]).view(batch, prev_beam * vocab)
-    top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (A, 2K), sorted descending
+    top_scores, top_idx = _top_candidates(cand, 2 * beam)  # (A, 2K), sorted descending
     origin = top_idx // vocab + torch.arange(batch, device=cand.device)[:, None] * prev_beam
     tok = top_idx % vocab
     is_eos = tok == EOS_ID
@@ -308,6 +310,22 @@ def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_le
     best_possible = alive_scores.max(dim=1).values / gnmt_length_penalty(max_len + 1, alpha)
     beams.done |= (beams.pool.scores[:, nbest - 1] >= best_possible) | (max_len == t)
     return rows, tok.view(-1)
+
+
+def _top_candidates(cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`cand.topk(k, dim=1)` (A, k), also when cand (A, C) has fewer than k columns.
+
+    A beam wider than the candidate set (k alive hypotheses x V tokens, V the vocabulary or a
+    short shortlist; at the first step k = 1) leaves places empty: they get score -inf and
+    index 0 (the sentence's first row, token PAD). Such a candidate is never finished (only
+    finite scores are) and its -inf score keeps every continuation of it last.
+    """
+    if cand.size(1) >= k:
+        return cand.topk(k, dim=1)
+    scores, idx = cand.topk(cand.size(1), dim=1)
+    missing = k - cand.size(1)
+    return (torch.cat([scores, scores.new_full((scores.size(0), missing), NEG_INF)], dim=1),
+            torch.cat([idx, idx.new_zeros(idx.size(0), missing)], dim=1))
 
 
 def _finish_hypotheses(beams: _Beams, scores: Tensor, rows: Tensor, is_eos: Tensor,
@@ -379,6 +397,8 @@ def _trim_attention(attn: Tensor, gen_len: Tensor, src_lengths: Tensor) -> list[
 
 def _check_args(*, beam_size: int, nbest: int, length_penalty: float, max_len_ratio: float,
                 max_len_offset: int) -> None:
+    # The rule of nmt.config.beam_problem without an upper bound (any width works here); this
+    # file is shipped without nmt.config, and a test keeps the two in step.
     checks = [
         (beam_size >= 1, "beam_size", f"must be >= 1, got {beam_size}"),
         (1 <= nbest <= beam_size, "nbest", f"must be in [1, beam_size={beam_size}], got {nbest}"),

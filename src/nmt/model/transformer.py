@@ -1,0 +1,262 @@
+"""Transformer encoder-decoder (Vaswani et al., 2017; pre-norm) behind the search's step protocol.
+
+`Transformer` has the same interface as `nmt.model.Seq2Seq`: `forward(src, src_lengths, trg_in)`
+returns teacher-forced logits for the loss in `nmt.lit_module`; `encode`, `init_state` and `step`
+are the `StepModel` protocol of `nmt.model.search`, so greedy and beam search, the lexical
+shortlist (`nmt.shortlist`, through `decoder.embed`, `decoder.step` and `decoder.output`),
+evaluation and serving run it unchanged.
+
+Incremental decoding caches, per decoder layer, the self-attention keys and values of the
+target positions so far and the cross-attention projections of the encoder output
+(`TransformerState`); a step runs one position against them, so it costs O(T) instead of
+recomputing the prefix. Row selection (beam expansion, dropping finished sentences, reordering)
+is an index_select on dim 0 of every field.
+
+Embeddings are scaled by sqrt(D) before the positions are added; with `tie_embeddings` the
+decoder's input embedding is the output projection's weight (source and target vocabularies
+are separate, so the encoder keeps its own).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from nmt.config import ModelConfig
+from nmt.model.shapes import check_dtype, check_shapes
+from nmt.model.transformer_layers import DecoderLayer, EncoderLayer, PositionKind, Positions
+from nmt.specials import PAD_ID
+
+
+class TransformerEncoderOutput(NamedTuple):
+    """outputs (B, S, D) after the final LayerNorm; mask (B, S) True on real source tokens."""
+
+    outputs: Tensor
+    mask: Tensor
+
+
+@dataclass(frozen=True)
+class TransformerState:
+    """Decoder state of N rows (the search's `SearchState`); every field has rows on dim 0.
+
+    self_k, self_v: (N, L, T, D) self-attention keys/values of the T positions decoded so far.
+    enc_out: (N, S, D) encoder outputs; mask: (N, S) True on real source tokens.
+    cross_k, cross_v: (N, L, S, D) each decoder layer's projections of enc_out.
+    """
+
+    self_k: Tensor
+    self_v: Tensor
+    enc_out: Tensor
+    mask: Tensor
+    cross_k: Tensor
+    cross_v: Tensor
+
+    @property
+    def position(self) -> int:
+        """Index of the next target position (T)."""
+        return self.self_k.size(2)
+
+    def index_select(self, idx: Tensor) -> TransformerState:
+        """Rows `idx` (M,) of every field: beam expansion or dropping finished sentences."""
+        return TransformerState(*(getattr(self, f).index_select(0, idx) for f in STATE_FIELDS))
+
+    def reorder(self, idx: Tensor) -> TransformerState:
+        """Rows `idx` of the per-hypothesis cache only; row idx[i] shares row i's source."""
+        return replace(self, self_k=self.self_k.index_select(0, idx),
+                       self_v=self.self_v.index_select(0, idx))
+
+
+STATE_FIELDS = ("self_k", "self_v", "enc_out", "mask", "cross_k", "cross_v")
+
+
+class _Embed(nn.Module):
+    """Token embedding scaled by sqrt(D), plus positions, plus dropout."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, positions: PositionKind,
+                 max_positions: int, dropout: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=PAD_ID)
+        self.positions = Positions(kind=positions, d_model=d_model, max_positions=max_positions)
+        self.scale = d_model ** 0.5
+        self.dropout = nn.Dropout(dropout)
+
+    def add_positions(self, emb: Tensor, start: int) -> Tensor:
+        """Scaled embeddings (B, T, D) of positions start.. -> with positions and dropout."""
+        return self.dropout(emb + self.positions(start, emb.size(1), emb))
+
+
+class TransformerEncoder(_Embed):
+    """Embedding + positions, L pre-norm self-attention layers, final LayerNorm."""
+
+    def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
+                 dropout: float, positions: PositionKind, max_positions: int) -> None:
+        super().__init__(vocab_size=vocab_size, d_model=d_model, positions=positions,
+                         max_positions=max_positions, dropout=dropout)
+        self.layers = nn.ModuleList(
+            EncoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
+            for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, src: Tensor, mask: Tensor) -> Tensor:
+        """src (B, S) long, mask (B, S) -> outputs (B, S, D)."""
+        x = self.add_positions(self.embedding(src) * self.scale, 0)  # (B, S, D)
+        for layer in self.layers:
+            x = layer(x, mask[:, None, :])
+        return self.norm(x)
+
+
+class TransformerDecoder(_Embed):
+    """Embedding + positions, L pre-norm decoder layers, final LayerNorm, output projection.
+
+    `embed`, `step`, `logits` and `output` mirror `nmt.model.decoder.Decoder`, which is what
+    `nmt.shortlist.ShortlistModel` calls.
+    """
+
+    def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
+                 dropout: float, positions: PositionKind, max_positions: int,
+                 tie_embeddings: bool) -> None:
+        super().__init__(vocab_size=vocab_size, d_model=d_model, positions=positions,
+                         max_positions=max_positions, dropout=dropout)
+        self.layers = nn.ModuleList(
+            DecoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
+            for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.output = nn.Linear(d_model, vocab_size)
+        if tie_embeddings:
+            self.output.weight = self.embedding.weight
+
+    def init_state(self, enc: TransformerEncoderOutput) -> TransformerState:
+        """Empty self-attention cache, cross-attention keys/values of every layer."""
+        cross = [layer.cross_attn.project_kv(enc.outputs) for layer in self.layers]
+        batch, _, width = enc.outputs.shape
+        empty = enc.outputs.new_zeros(batch, len(self.layers), 0, width)  # (B, L, 0, D)
+        return TransformerState(
+            self_k=empty, self_v=empty, enc_out=enc.outputs, mask=enc.mask,
+            cross_k=torch.stack([k for k, _ in cross], dim=1),  # (B, L, S, D)
+            cross_v=torch.stack([v for _, v in cross], dim=1))
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Token ids (B,) or (B, T) -> scaled embeddings (B, D) or (B, T, D) (no positions)."""
+        return self.embedding(tokens) * self.scale
+
+    def logits(self, features: Tensor) -> Tensor:
+        """Final-norm outputs (..., D) -> unnormalised scores (..., V)."""
+        return self.output(features)
+
+    def step(self, state: TransformerState,
+             emb: Tensor) -> tuple[Tensor, TransformerState, Tensor]:
+        """One target position for every row: emb (N, D) -> features (N, D), state, weights (N, S).
+
+        weights are the last layer's cross-attention weights averaged over heads.
+        """
+        features, new_k, new_v, weights = self._run(state, emb[:, None, :])
+        new_state = replace(state, self_k=torch.cat([state.self_k, new_k], dim=2),
+                            self_v=torch.cat([state.self_v, new_v], dim=2))
+        return features[:, 0], new_state, weights[:, 0]
+
+    def forward(self, state: TransformerState, emb: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher forcing: emb (B, T, D) of BOS y_1 .. y_{T-1} -> features (B, T, D), weights
+        (B, T, S); the causal mask makes position t see positions <= t only."""
+        features, _, _, weights = self._run(state, emb)
+        return features, weights
+
+    def _run(self, state: TransformerState,
+             emb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """T positions after the cached ones -> features, new keys/values (B, L, T, D), weights."""
+        x = self.add_positions(emb, state.position)  # (B, T, D)
+        src_allowed = state.mask[:, None, :]  # (B, 1, S)
+        keys, values, weights = [], [], x.new_zeros(0)
+        for i, layer in enumerate(self.layers):
+            x, k, v, weights = layer(x, state.self_k[:, i], state.self_v[:, i],
+                                     state.cross_k[:, i], state.cross_v[:, i], src_allowed)
+            keys.append(k)
+            values.append(v)
+        return self.norm(x), torch.stack(keys, dim=1), torch.stack(values, dim=1), weights
+
+
+class Transformer(nn.Module):
+    """Transformer encoder-decoder with the `Seq2Seq` interface (forward, encode, init_state,
+    step); plain PyTorch, no training-stack imports."""
+
+    def __init__(self, encoder: TransformerEncoder, decoder: TransformerDecoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.encoder.embedding.num_embeddings
+
+    @property
+    def trg_vocab_size(self) -> int:
+        return self.decoder.embedding.num_embeddings
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> TransformerEncoderOutput:
+        """src (B, S) long (PAD after each sentence), src_lengths (B,) long in [1, S]."""
+        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"))
+        check_dtype("src", src, torch.long)
+        check_dtype("src_lengths", src_lengths, torch.long)
+        if not torch.compiler.is_compiling():
+            low, high = int(src_lengths.min()), int(src_lengths.max())
+            if low < 1 or high > src.size(1):
+                raise ValueError(f"src_lengths: expected values in [1, {src.size(1)}] "
+                                 f"(S of src), got min {low}, max {high}")
+        mask = torch.arange(src.size(1), device=src.device)[None, :] < src_lengths[:, None]
+        return TransformerEncoderOutput(self.encoder(src, mask), mask)
+
+    def init_state(self, encoder_output: TransformerEncoderOutput) -> TransformerState:
+        """Initial decoder state (rows B, empty cache) from the encoder output."""
+        return self.decoder.init_state(encoder_output)
+
+    def step(self, state: TransformerState,
+             prev_tokens: Tensor) -> tuple[Tensor, TransformerState, Tensor]:
+        """prev_tokens (N,) long (BOS_ID first) -> log_probs (N, V), new state, weights (N, S)."""
+        check_shapes(("state.enc_out", state.enc_out, "N S D"), ("prev_tokens", prev_tokens, "N"))
+        features, state, weights = self.decoder.step(state, self.decoder.embed(prev_tokens))
+        return self.decoder.logits(features).log_softmax(dim=-1), state, weights
+
+    def forward(self, src: Tensor, src_lengths: Tensor, trg_in: Tensor) -> Tensor:
+        """Teacher-forced raw logits (B, T, V) for trg_in (B, T) = BOS y_1 .. y_{T-1}, PAD after.
+
+        Positions after a sentence's end are garbage for the loss to ignore (target PAD).
+        """
+        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"),
+                     ("trg_in", trg_in, "B T"))
+        check_dtype("trg_in", trg_in, torch.long)
+        state = self.init_state(self.encode(src, src_lengths))
+        features, _ = self.decoder(state, self.decoder.embed(trg_in))  # (B, T, D)
+        return self.decoder.logits(features)  # (B, T, V)
+
+
+def build_transformer(cfg: ModelConfig, src_vocab_size: int, trg_vocab_size: int) -> Transformer:
+    """`model` params (arch transformer) -> an initialised `Transformer`."""
+    tf = cfg.transformer
+    sizes = dict(d_model=tf.d_model, layers=tf.layers, heads=tf.heads, ff_dim=tf.ff_dim,
+                 dropout=tf.dropout, positions=tf.positions, max_positions=tf.max_positions)
+    model = Transformer(TransformerEncoder(vocab_size=src_vocab_size, **sizes),
+                        TransformerDecoder(vocab_size=trg_vocab_size,
+                                           tie_embeddings=cfg.tie_embeddings, **sizes))
+    init_transformer(model)
+    return model
+
+
+def init_transformer(model: Transformer) -> None:
+    """Xavier-uniform matrices, zero biases, LayerNorm (1, 0), embeddings N(0, D^-0.5).
+
+    Embeddings of norm ~1 times sqrt(D) match the positions' scale; tied, they keep the initial
+    logits O(1). Learned position tables get N(0, 0.02), PAD rows zero.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if module.weight is not model.decoder.embedding.weight:
+                nn.init.xavier_uniform_(module.weight)
+    for part in (model.encoder, model.decoder):
+        nn.init.normal_(part.embedding.weight, std=part.embedding.embedding_dim ** -0.5)
+        part.embedding.weight.data[PAD_ID].zero_()
+        if part.positions.table is not None:
+            nn.init.normal_(part.positions.table.weight, std=0.02)

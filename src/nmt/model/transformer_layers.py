@@ -1,0 +1,162 @@
+"""Transformer building blocks: positions, multi-head attention, pre-norm encoder/decoder layers.
+
+Pre-norm (Xiong et al., 2020): every sublayer reads LayerNorm(x) and adds its dropped-out output
+to the residual stream x, so the stack needs a final LayerNorm (in `nmt.model.transformer`).
+Keys and values are projected apart from the attention itself (`MultiHeadAttention.project_kv`),
+so the decoder can cache them: the encoder's per layer once per sentence, its own per position.
+Shapes: B batch, S source length, T target positions, D d_model, h heads, d = D / h.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+PositionKind = Literal["sinusoidal", "learned"]
+
+
+def sinusoids(positions: Tensor, dim: int) -> Tensor:
+    """Sinusoidal encodings (Vaswani et al., 2017, 3.5): positions (T,) -> (T, dim), fp32.
+
+    Channel 2i is sin(p / 10000^(2i/dim)), channel 2i + 1 the cos of the same angle.
+    """
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device)
+                         * (-math.log(10000.0) / dim))  # (dim / 2,)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, dim / 2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # (T, dim)
+
+
+class Positions(nn.Module):
+    """Position encodings for positions start .. start + length - 1."""
+
+    def __init__(self, *, kind: PositionKind, d_model: int, max_positions: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.max_positions = max_positions
+        self.table = nn.Embedding(max_positions, d_model) if kind == "learned" else None
+
+    def forward(self, start: int, length: int, like: Tensor) -> Tensor:
+        """(length, D) encodings in `like`'s dtype and device."""
+        if self.table is None:
+            pos = torch.arange(start, start + length, device=like.device)
+            return sinusoids(pos, self.d_model).to(like.dtype)
+        if not torch.compiler.is_compiling() and start + length > self.max_positions:
+            raise ValueError(f"position {start + length - 1}: beyond the learned table of "
+                             f"model.transformer.max_positions={self.max_positions}; shorten the "
+                             "input or retrain with a larger table")
+        return self.table(torch.arange(start, start + length, device=like.device))
+
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over h heads, with separately callable key/value projection."""
+
+    def __init__(self, *, d_model: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.d_head = heads, d_model // heads
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Memory x (B, S, D) -> keys (B, S, D) and values (B, S, D), heads not split yet."""
+        return self.key(x), self.value(x)
+
+    def forward(self, x: Tensor, keys: Tensor, values: Tensor,
+                allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """Attend from queries x (B, T, D) over keys/values (B, S, D).
+
+        Args:
+            allowed: (B or 1, T or 1, S) bool, True where query t may attend to position s.
+        Returns:
+            output (B, T, D) and the weights averaged over heads (B, T, S) (0 where not allowed).
+        """
+        batch, steps, width = x.shape
+        q = self._split(self.query(x))  # (B, h, T, d)
+        k, v = self._split(keys), self._split(values)  # (B, h, S, d)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, h, T, S)
+        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+        context = self.dropout(probs) @ v  # (B, h, T, d)
+        out = self.out(context.transpose(1, 2).reshape(batch, steps, width))  # (B, T, D)
+        return out, probs.mean(dim=1)
+
+    def _split(self, x: Tensor) -> Tensor:
+        """(B, T, D) -> (B, h, T, d)."""
+        return x.view(x.size(0), x.size(1), self.heads, self.d_head).transpose(1, 2)
+
+
+class FeedForward(nn.Module):
+    """Position-wise Linear(D, F) -> ReLU -> dropout -> Linear(F, D)."""
+
+    def __init__(self, *, d_model: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.inner = nn.Linear(d_model, ff_dim)
+        self.outer = nn.Linear(ff_dim, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., D) -> (..., D)."""
+        return self.outer(self.dropout(torch.relu(self.inner(x))))
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention then feed-forward, each added to the residual stream."""
+
+    def __init__(self, *, d_model: int, heads: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
+        """x (B, S, D), allowed (B, 1, S) True on real source tokens -> (B, S, D)."""
+        h = self.norm_self(x)
+        out, _ = self.self_attn(h, *self.self_attn.project_kv(h), allowed)
+        x = x + self.dropout(out)
+        return x + self.dropout(self.ff(self.norm_ff(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm causal self-attention, cross-attention, feed-forward."""
+
+    def __init__(self, *, d_model: int, heads: int, ff_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.norm_cross = nn.LayerNorm(d_model)
+        self.cross_attn = MultiHeadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.norm_ff = nn.LayerNorm(d_model)
+        self.ff = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, cross_k: Tensor,
+                cross_v: Tensor, src_allowed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """T new positions after T0 cached ones.
+
+        Args:
+            x: residual stream of the new positions (B, T, D).
+            past_k, past_v: this layer's self-attention keys/values of earlier positions
+                (B, T0, D); T0 = 0 for teacher forcing.
+            cross_k, cross_v: this layer's projections of the encoder output (B, S, D).
+            src_allowed: (B, 1, S) True on real source tokens.
+        Returns:
+            x (B, T, D), the keys and values of the new positions (B, T, D) each, and the
+            cross-attention weights (B, T, S).
+        """
+        past, steps = past_k.size(1), x.size(1)
+        h = self.norm_self(x)
+        new_k, new_v = self.self_attn.project_kv(h)  # (B, T, D)
+        keys, values = torch.cat([past_k, new_k], dim=1), torch.cat([past_v, new_v], dim=1)
+        query_pos = torch.arange(steps, device=x.device)[:, None] + past  # (T, 1)
+        causal = torch.arange(past + steps, device=x.device)[None, :] <= query_pos  # (T, T0+T)
+        out, _ = self.self_attn(h, keys, values, causal[None])
+        x = x + self.dropout(out)
+        out, weights = self.cross_attn(self.norm_cross(x), cross_k, cross_v, src_allowed)
+        x = x + self.dropout(out)
+        return x + self.dropout(self.ff(self.norm_ff(x))), new_k, new_v, weights
