@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from nmt.config import Params
@@ -15,11 +17,12 @@ from nmt.data.datamodule import (
     bleu_subset,
     cut_batches,
     epoch_plan,
+    lengths_of,
     pad_sources,
     pad_targets,
     padding_share,
 )
-from nmt.data.vectorize import SplitData, load_split
+from nmt.data.vectorize import Ragged, SplitData, Texts, load_split
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
 
 BUDGET, MAX_SENT = 600, 64
@@ -157,3 +160,53 @@ def test_datamodule_on_tiny_data(tiny_data: dict[str, Path], tiny_params: Params
     valid = load_split(tiny_data["processed"], "valid")
     seen = sum(b.src.shape[0] for b in dm.val_dataloader())
     assert seen == len(valid)
+
+
+def _lists_split(processed: Path, split: str) -> SplitData:
+    """A split as the data module held it before `Ragged`: one numpy array and str per row."""
+    table = pq.read_table(processed / f"{split}.parquet")
+
+    def rows(name: str) -> list[np.ndarray]:
+        col = table.column(name).combine_chunks()
+        flat = col.values.to_numpy(zero_copy_only=False).astype(np.int32)
+        return np.split(flat, col.offsets.to_numpy()[1:-1])
+
+    return SplitData(src=rows("src"), trg=rows("trg"), en=table.column("en").to_pylist(),
+                     fr=table.column("fr").to_pylist(),
+                     group=table.column("group").to_numpy().astype(np.int64))
+
+
+def test_flat_split_gives_the_same_batches_as_per_row_arrays(tiny_data: dict[str, Path],
+                                                             tiny_params: Params) -> None:
+    flat = load_split(tiny_data["processed"], "train")
+    assert isinstance(flat.src, Ragged) and isinstance(flat.en, Texts)  # no per-row objects
+    lists = _lists_split(tiny_data["processed"], "train")
+    assert list(flat.en) == lists.en and flat.fr[3] == lists.fr[3]
+    cfg = tiny_params.train
+    samplers = [BucketBatchSampler(lengths_of(s.src, 1), lengths_of(s.trg, 1),
+                                   batch_tokens=cfg.batch_tokens,
+                                   max_sentences=cfg.max_batch_sentences, seed=5, shuffle=True)
+                for s in (flat, lists)]
+    for epoch in (0, 1):
+        runs = [[PairsDataset(s)[rows] for rows in sampler.global_batches(epoch)]
+                for s, sampler in zip((flat, lists), samplers, strict=True)]
+        assert len(runs[0]) == len(runs[1]) > 1
+        for new, old in zip(*runs, strict=True):
+            assert new.src.equal(old.src) and new.trg.equal(old.trg)
+            assert new.src_lengths.equal(old.src_lengths) and new.n_tokens == old.n_tokens
+    valid = load_split(tiny_data["processed"], "valid")
+    new, old = bleu_subset(valid, 20, 1), bleu_subset(_lists_split(tiny_data["processed"],
+                                                                   "valid"), 20, 1)
+    assert (new.sources, new.references) == (old.sources, old.references)
+    assert [s.tolist() for s in new.src] == [s.tolist() for s in old.src]
+
+
+def test_ragged_rows_select_and_arrow_round_trip() -> None:
+    seqs = Ragged.from_lengths(np.arange(6, dtype=np.int32), np.array([2, 0, 3, 1]))
+    assert [s.tolist() for s in seqs] == [[0, 1], [], [2, 3, 4], [5]]
+    assert seqs[2].tolist() == [2, 3, 4] and len(seqs) == 4
+    kept = seqs.select(np.array([True, False, False, True]))
+    assert [s.tolist() for s in kept] == [[0, 1], [5]]
+    back = Ragged.from_arrow(pa.chunked_array([seqs.to_arrow().slice(1)]))
+    assert [s.tolist() for s in back] == [[], [2, 3, 4], [5]]
+    assert lengths_of(seqs, 1).tolist() == [3, 1, 4, 2]

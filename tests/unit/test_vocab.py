@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from nmt.data import vocab
 from nmt.data.vocab import CharTokenizer, SentencePieceTokenizer, load_tokenizers, save_tokenizers
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
@@ -52,3 +53,18 @@ def test_save_load(tmp_path: Path, kind: str) -> None:
 def test_load_missing_folder_says_which_stage(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="vectorize"):
         load_tokenizers(tmp_path)
+
+
+def test_sentencepiece_samples_only_past_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to `SP_SAMPLE_SENTENCES` the model is that of no bound (same bytes); past it, a
+    sample of that many sentences is used."""
+    texts = [f"{t} {i % 37}" for i, t in enumerate(TEXTS * 2)]  # 400 sentences
+    unbounded = SentencePieceTokenizer.train(texts, 60, "unigram", 1.0, seed=1).model_proto
+    monkeypatch.setattr(vocab, "SP_SAMPLE_SENTENCES", len(texts))
+    assert SentencePieceTokenizer.train(texts, 60, "unigram", 1.0, seed=1).model_proto == unbounded
+    monkeypatch.setattr(vocab, "SP_SAMPLE_SENTENCES", 150)  # SentencePiece needs > 100
+    sampled = SentencePieceTokenizer.train(texts, 60, "unigram", 1.0, seed=1)
+    assert sampled.model_proto != unbounded
+    assert sampled.decode(sampled.encode("Be nice. 3")) == "Be nice. 3"
+    assert sampled.encode_batch(["We won.", "Help me!"]) == [sampled.encode("We won."),
+                                                             sampled.encode("Help me!")]

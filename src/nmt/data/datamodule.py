@@ -22,6 +22,7 @@ batches is trimmed or topped up from its own batches), because Lightning sizes e
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from nmt.config import TrainConfig
 from nmt.data.padding import pad_sources, pad_targets
-from nmt.data.vectorize import SplitData, load_split
+from nmt.data.vectorize import Ragged, SplitData, load_split
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,16 @@ def _identity(batch: Batch) -> Batch:
 
 
 def lengths_of(seqs: Sequence[np.ndarray], extra: int) -> np.ndarray:
+    """Length of each sequence plus `extra` (int64)."""
+    if isinstance(seqs, Ragged):
+        return seqs.lengths() + extra
     return np.fromiter((len(s) + extra for s in seqs), dtype=np.int64, count=len(seqs))
+
+
+def rows_digest(sampler: BucketBatchSampler) -> str:
+    """Short sha1 of the pair indices this rank trains on in the sampler's current epoch."""
+    rows = [np.asarray(b, dtype=np.int64) for b in sampler._rank_batches(sampler.epoch)]
+    return hashlib.sha1(np.concatenate(rows or [np.zeros(0, np.int64)]).tobytes()).hexdigest()[:12]
 
 
 def padding_share(sampler: BucketBatchSampler, epoch: int = 0) -> dict[str, float]:
@@ -279,6 +289,9 @@ class TranslationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         assert self.train_split is not None
         sampler = self._train_sampler(self._rank(), self.batches_per_epoch)
+        if self.world_size > 1:
+            log.info("rank %d of %d: train rows of epoch %d digest %s", sampler.rank,
+                     self.world_size, sampler.epoch, rows_digest(sampler))
         return ResumableLoader(PairsDataset(self.train_split), sampler, self._batches_done,
                                self.cfg.num_workers)
 
