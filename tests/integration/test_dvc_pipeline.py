@@ -150,4 +150,8 @@ def test_a_stage_failing_on_params_or_environment_keeps_earlier_outputs(
         assert "data/raw/fra-eng.zip left as it was" in out
     finally:
         (root / "params.yaml").write_text(good)
+    # check_params recorded the valid-but-refused download value; only it reruns (same output)
+    out = _run([*dvc, "repro"], root, env)
+    assert [line for line in out.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'check_params':"]
     assert "up to date" in _run([*dvc, "status"], root, env)
