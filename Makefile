@@ -50,9 +50,11 @@ clean-venv:
 	rm -rf $(VENV)
 
 # Team tracking server: project-local PostgreSQL + `mlflow server` with proxied artifacts, state in
-# .team-tracking/ (settings via TEAM_* variables, see docs/team-tracking.md).
+# .team-tracking/ (settings via TEAM_* variables, see docs/team-tracking.md). TEAM_S3=local adds a
+# local S3-compatible store (SeaweedFS) for the DVC remote and MLflow's artifacts; `team-s3-up`
+# starts that store alone. Keys: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY from the environment.
 TEAM_PY = $(shell test -x $(BIN)/python && echo $(BIN)/python || echo $(PY))
-.PHONY: team-up team-down team-status
+.PHONY: team-up team-down team-status team-s3-up
 
 team-up: install
 	$(BIN)/python scripts/team_tracking.py start
@@ -62,3 +64,6 @@ team-down:
 
 team-status:
 	$(TEAM_PY) scripts/team_tracking.py status
+
+team-s3-up: install
+	$(BIN)/python scripts/team_tracking.py start --s3-only --s3 local

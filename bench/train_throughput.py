@@ -9,11 +9,16 @@ Prints one JSON object: target tokens/s, ms per step and peak RSS for
          here with the same dims: char one-hot, LSTM(256) encoder/decoder, softmax Dense,
          RMSprop, batch 64, on the corpus' first 10,000 pairs (or synthetic chars); its target
          tokens are target characters.
+Ours runs once per `--precisions` entry on the same batches: `32-true` (reported as `ours`)
+and `bf16-mixed` (`ours_bf16`: the step under `torch.autocast("cpu", torch.bfloat16)`, as
+Lightning's `bf16-mixed` does; weights, loss and optimizer state fp32), with the bf16/fp32
+ratio; bf16 is skipped on a CPU without bf16 units. `cpu` names the CPU and its bf16 flags.
 Each model runs in a forked child so the peak RSS figures are separate. Timings on a shared
 machine are noisy: compare numbers from the same run only.
 
 Usage: python bench/train_throughput.py [--params params.yaml] [--processed data/processed]
                                         [--steps 30] [--warmup 5] [--threads 0]
+                                        [--precisions 32-true,bf16-mixed] [--skip-keras]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from nmt.data.datamodule import BucketBatchSampler, PairsDataset, lengths_of
 from nmt.data.vectorize import SplitData, load_split
 from nmt.lit_module import sequence_loss
 from nmt.model import build_model, count_parameters
+from nmt.precision import cpu_bf16_flags, cpu_name
 
 KERAS_SAMPLES, KERAS_LATENT, KERAS_BATCH = 10_000, 256, 64
 
@@ -67,7 +73,8 @@ def _timed(step: Any, batches: list[Any], warmup: int) -> dict[str, float]:
             "ms_per_step": round(1000 * seconds / (len(batches) - warmup), 1)}
 
 
-def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int) -> dict[str, Any]:
+def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int,
+               precision: str = "32-true") -> dict[str, Any]:
     params = load_params(params_path)
     cfg = params.train
     if (processed / "train.parquet").is_file():
@@ -90,8 +97,9 @@ def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int) -> d
     batches = [dataset[rows] for rows, _ in zip(sampler, range(steps + warmup), strict=False)]
 
     def step(batch: Any) -> tuple[int, int]:
-        logits = model(batch.src, batch.src_lengths, batch.trg_in)
-        loss = sequence_loss(logits, batch.trg_out, cfg.label_smoothing) / batch.n_tokens
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(batch.src, batch.src_lengths, batch.trg_in)
+            loss = sequence_loss(logits, batch.trg_out, cfg.label_smoothing) / batch.n_tokens
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -101,7 +109,7 @@ def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int) -> d
         return batch.n_tokens, len(batch.src)
 
     timing = _timed(step, batches, warmup)
-    return {"data": source, "parameters": count_parameters(model),
+    return {"data": source, "precision": precision, "parameters": count_parameters(model),
             "batch_tokens": cfg.batch_tokens, "mean_sentences_per_batch": round(
                 float(np.mean([len(b.src) for b in batches])), 1),
             **timing, "peak_rss_mb": round(_peak_rss_mb(), 1)}
@@ -201,16 +209,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--precisions", default="32-true,bf16-mixed",
+                        help="comma-separated: 32-true and/or bf16-mixed (ours only)")
+    parser.add_argument("--skip-keras", action="store_true", help="ours only")
     args = parser.parse_args(argv)
-    ours = _in_child(bench_ours, args.threads, args.params, args.processed, args.steps,
-                     args.warmup)
-    keras = _in_child(bench_keras, args.threads, args.processed, args.steps, args.warmup)
-    print(json.dumps({
-        "device": "cpu", "torch_threads": args.threads or torch.get_num_threads(),
-        "steps": args.steps, "ours": ours, "keras_tutorial": keras,
-        "speedup_target_tokens_per_s": round(
-            ours["target_tokens_per_s"] / keras["target_tokens_per_s"], 2),
-    }, indent=2))
+    flags = cpu_bf16_flags()
+    report: dict[str, Any] = {
+        "device": "cpu", "cpu": {"model_name": cpu_name(), "bf16_flags": flags},
+        "torch_threads": args.threads or torch.get_num_threads(), "steps": args.steps}
+    for precision in args.precisions.split(","):
+        key = {"32-true": "ours", "bf16-mixed": "ours_bf16"}[precision.strip()]
+        if key == "ours_bf16" and not flags:
+            report[key] = "skipped: this CPU has no bf16 units (amx_bf16, avx512_bf16)"
+            continue
+        report[key] = _in_child(bench_ours, args.threads, args.params, args.processed,
+                                args.steps, args.warmup, precision.strip())
+    ours, bf16 = report.get("ours"), report.get("ours_bf16")
+    if isinstance(ours, dict) and isinstance(bf16, dict):
+        report["bf16_speedup_target_tokens_per_s"] = round(
+            bf16["target_tokens_per_s"] / ours["target_tokens_per_s"], 2)
+    if not args.skip_keras:
+        keras = _in_child(bench_keras, args.threads, args.processed, args.steps, args.warmup)
+        report["keras_tutorial"] = keras
+        if isinstance(ours, dict):
+            report["speedup_target_tokens_per_s"] = round(
+                ours["target_tokens_per_s"] / keras["target_tokens_per_s"], 2)
+    print(json.dumps(report, indent=2))
     return 0
 
 

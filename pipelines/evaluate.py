@@ -12,8 +12,10 @@ from pathlib import Path
 
 import torch
 
+from nmt.checkpoint import ModelFileError
 from nmt.config import Params
 from nmt.evaluation import TUTORIAL_EXAMPLES, evaluate
+from nmt.shortlist import ShortlistError
 from nmt.stage import run_stage, stage_parser
 from nmt.tracking import TrackingError
 from nmt.translator import InputError, read_lines
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="UTF-8 file of extra English sentences for samples.md, one per line "
                              "(default: the tutorial's examples)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda if any)")
-    return run_stage("evaluate", parser, argv, _run, expected=(InputError, TrackingError))
+    return run_stage("evaluate", parser, argv, _run,
+                     expected=(InputError, TrackingError, ModelFileError, ShortlistError))
 
 
 if __name__ == "__main__":

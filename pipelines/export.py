@@ -1,7 +1,8 @@
 """Stage `export`: model dir + test BLEU -> portable export, registered MLflow model, promotion.
 
 Params: export, evaluate.search, tracking. Registers a new version of `export.registered_model`
-(aliases `candidate`, and `champion` when the promotion gate passes); see `nmt.export`.
+(aliases `candidate`, and `champion` when the promotion gate passes); see `nmt.export.stage`
+and `nmt.registry`.
 """
 
 from __future__ import annotations
@@ -11,15 +12,21 @@ import logging
 import sys
 from pathlib import Path
 
+from nmt.checkpoint import RUN_FILE, ModelFileError
 from nmt.config import Params
 from nmt.export import ExportError, export
+from nmt.registry import RegistryError
+from nmt.shortlist import ShortlistError
 from nmt.stage import run_stage, stage_parser
-from nmt.tracking import TrackingError
+from nmt.tracking import TrackingError, check_reachable, read_run_json
 
 log = logging.getLogger("export")
 
 
 def _run(args: argparse.Namespace, params: Params) -> int:
+    run_json = args.model_dir / RUN_FILE
+    if run_json.is_file():  # a broken store fails here, naming its file, not in sqlalchemy
+        check_reachable(read_run_json(run_json).tracking_uri)
     result = export(params, args.model_dir, args.eval_metrics, args.test_data, args.out_dir,
                     args.reports, args.attribution)
     p = result.promotion
@@ -37,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attribution", type=Path, required=True)  # deps
     parser.add_argument("--out-dir", type=Path, required=True)  # outs
     parser.add_argument("--reports", type=Path, required=True)  # outs (promotion, parity)
-    return run_stage("export", parser, argv, _run, expected=(ExportError, TrackingError))
+    return run_stage("export", parser, argv, _run,
+                     expected=(ExportError, RegistryError, TrackingError, ModelFileError,
+                               ShortlistError))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
     python scripts/team_tracking.py status   # what runs where (URIs, pids, ports); exit 3 if down
     python scripts/team_tracking.py stop     # stop the MLflow server, then PostgreSQL (fast mode)
     python scripts/team_tracking.py start --db-only   # PostgreSQL only (restore, schema upgrade)
+    python scripts/team_tracking.py start --s3-only   # the local S3 store only (a DVC remote)
 
 Settings (flag, else environment variable, else default):
 
@@ -16,11 +17,18 @@ Settings (flag, else environment variable, else default):
     --backend    TEAM_BACKEND_STORE_URI       ""     (a managed PostgreSQL: no local cluster then;
                                                       password from PGPASSWORD / PGPASSFILE)
     --artifacts  TEAM_ARTIFACTS_DESTINATION   <dir>/artifacts (or s3://bucket/prefix: AWS_* and
-                                                      MLFLOW_S3_ENDPOINT_URL from the environment)
+                                                      MLFLOW_S3_ENDPOINT_URL from the environment;
+                                                      with --s3 local: s3://nmt-mlflow/artifacts)
+    --s3         TEAM_S3                      off    (`local`: also run a local S3-compatible store,
+                                                      SeaweedFS, see scripts/team_s3.py)
+    --s3-port    TEAM_S3_PORT                 8333   (its S3 endpoint, 127.0.0.1 only)
+    --s3-buckets TEAM_S3_BUCKETS              nmt-dvc,nmt-mlflow (created at start if missing)
     --timeout    TEAM_START_TIMEOUT_S         120    (bound on waiting for /health)
 
 State in <dir>: pg/ (cluster), run/ (socket), logs/, pgpass (0600, the `mlflow` role's generated
-password), mlflow.pid, state.json (what `status` reports), timings.log (start/stop seconds).
+password), mlflow.pid, s3/ (the local store), state.json (what `status` reports), timings.log.
+An s3:// artifacts destination is checked (bucket there, credentials accepted) before the MLflow
+server starts.
 When run as root, PostgreSQL runs as the `postgres` user (it refuses to run as root).
 Exit codes: 0 ok, 1 failed to start/stop, 2 refused (port in use, lock file, bad setting),
 3 `status` found something not running.
@@ -45,10 +53,16 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling team_s3.py, also when
+import team_s3  # noqa: E402                                # this file is loaded by path (tests)
+
 REPO = Path(__file__).resolve().parents[1]
 DB_NAME = DB_USER = "mlflow"
 DEFAULT_PG_PORT = 5433  # not 5432: leave a system PostgreSQL alone
 DEFAULT_MLFLOW_PORT = 5001  # not 5000: `make ui` (SQLite) uses it
+DEFAULT_S3_PORT = 8333  # SeaweedFS's S3 default; MinIO's 9000 is often taken by other tools
+DEFAULT_S3_BUCKETS = "nmt-dvc,nmt-mlflow"  # DVC remote, MLflow artifacts
+LOCAL_S3_ARTIFACTS = "s3://nmt-mlflow/artifacts"
 PG_START_TIMEOUT_S = 60  # pg_ctl -w -t: wait for PostgreSQL to accept connections
 STOP_TIMEOUT_S = 20  # SIGTERM -> SIGKILL grace for the MLflow server
 
@@ -72,10 +86,23 @@ class Settings:
     backend: str  # "" = the local cluster
     artifacts: str
     timeout_s: float
+    s3_local: bool = False  # also run the local S3 store (TEAM_S3=local)
+    s3_port: int = DEFAULT_S3_PORT
+    s3_buckets: tuple[str, ...] = tuple(DEFAULT_S3_BUCKETS.split(","))
 
     @property
     def local_pg(self) -> bool:
         return not self.backend
+
+    @property
+    def s3(self) -> team_s3.S3Store:
+        return team_s3.S3Store(self.state / "s3", self.s3_port, self.s3_buckets)
+
+    @property
+    def s3_endpoint(self) -> str | None:
+        """Where the MLflow server reaches an s3:// destination: the local store, else
+        MLFLOW_S3_ENDPOINT_URL (unset: AWS itself)."""
+        return self.s3.endpoint if self.s3_local else os.environ.get("MLFLOW_S3_ENDPOINT_URL")
 
     @property
     def pgdata(self) -> Path:
@@ -348,6 +375,8 @@ def server_env(cfg: Settings) -> dict[str, str]:
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     if cfg.local_pg:
         env["PGPASSFILE"] = str(cfg.pgpass)
+    if cfg.s3_local:
+        env["MLFLOW_S3_ENDPOINT_URL"] = cfg.s3.endpoint
     return env
 
 
@@ -360,7 +389,9 @@ def start_mlflow(cfg: Settings) -> int:
                         f"{cfg.tracking_uri}/health does not answer; run `make team-down` first")
     cfg.pidfile.unlink(missing_ok=True)
     require_free(cfg.port, "MLflow server", "TEAM_MLFLOW_PORT")
-    if not cfg.artifacts.startswith(("s3://", "gs://", "wasbs://", "abfss://")):
+    if cfg.artifacts.startswith("s3://"):
+        team_s3.check_bucket(cfg.artifacts, cfg.s3_endpoint, "the MLflow artifacts destination")
+    elif not cfg.artifacts.startswith(("gs://", "wasbs://", "abfss://")):
         Path(cfg.artifacts).mkdir(parents=True, exist_ok=True)
     mlog = cfg.logs / "mlflow.log"
     cmd = [mlflow_exe(), "server", "--serve-artifacts", "--artifacts-destination", cfg.artifacts,
@@ -451,7 +482,8 @@ def save_state(cfg: Settings, **extra: object) -> None:
     state = {"tracking_uri": cfg.tracking_uri, "backend_store_uri": mask(cfg.backend_uri),
              "artifacts_destination": cfg.artifacts, "mlflow_port": cfg.port,
              "pg_port": cfg.pg_port if cfg.local_pg else None, "local_pg": cfg.local_pg,
-             "workers": cfg.workers, **extra}
+             "workers": cfg.workers, "s3": "local" if cfg.s3_local else "off",
+             "s3_port": cfg.s3_port, "s3_buckets": list(cfg.s3_buckets), **extra}
     (cfg.state / "state.json").write_text(json.dumps(state, indent=2) + "\n")
 
 
@@ -466,12 +498,39 @@ def preflight(cfg: Settings) -> None:
         require_free(cfg.pg_port, "PostgreSQL server", "TEAM_PG_PORT")
     if mlflow_pid(cfg) is None:
         require_free(cfg.port, "MLflow server", "TEAM_MLFLOW_PORT")
+    if cfg.s3_local and team_s3.store_pid(cfg.s3) is None:
+        require_free(cfg.s3_port, "S3 store", "TEAM_S3_PORT")
 
 
-def cmd_start(cfg: Settings, db_only: bool = False) -> int:
+def start_s3(cfg: Settings) -> int:
+    """The local S3 store, up and holding its buckets; its pid."""
+    t0 = time.monotonic()
+    running = team_s3.store_pid(cfg.s3)
+    if running is None:
+        team_s3.credentials()  # refuse before anything starts when the keys are missing
+        require_free(cfg.s3_port, "S3 store", "TEAM_S3_PORT")
+    pid = team_s3.start_store(cfg.s3, cfg.timeout_s)
+    what = "already running" if running else f"up in {time.monotonic() - t0:.1f} s"
+    log(f"S3 store {what} (pid {pid}) at {cfg.s3.endpoint}, buckets "
+        f"{', '.join(cfg.s3_buckets)}; data in {cfg.s3.state / 'data'}")
+    return pid
+
+
+def cmd_start(cfg: Settings, db_only: bool = False, s3_only: bool = False) -> int:
     t0 = time.monotonic()
     cfg.state.mkdir(parents=True, exist_ok=True)
     cfg.logs.mkdir(exist_ok=True)
+    if s3_only:
+        if not cfg.s3_local:
+            raise TeamError("start --s3-only needs the local store: TEAM_S3=local (or --s3 local)",
+                            code=2)
+        pid = start_s3(cfg)
+        save_state(cfg, s3_pid=pid, started_at=time.strftime("%FT%T"))
+        log(f"S3 store only (--s3-only). For DVC: dvc remote modify <remote> endpointurl "
+            f"{cfg.s3.endpoint}")
+        return 0
+    if cfg.s3_local and not db_only:
+        team_s3.credentials()
     if db_only:
         if cfg.local_pg and pg_running(cfg) is None:
             require_free(cfg.pg_port, "PostgreSQL server", "TEAM_PG_PORT")
@@ -485,13 +544,15 @@ def cmd_start(cfg: Settings, db_only: bool = False) -> int:
                 f"Store: {cfg.backend_uri} (PGPASSFILE={cfg.pgpass})")
         return 0
     try:
+        s3_pid = start_s3(cfg) if cfg.s3_local else None
         pid = start_mlflow(cfg)
-    except TeamError:
-        if cfg.local_pg:
-            log("PostgreSQL is left running; `make team-down` stops it")
+    except (TeamError, team_s3.StoreError):
+        if cfg.local_pg or cfg.s3_local:
+            log("what started is left running; `make team-down` stops it")
         raise
     took = time.monotonic() - t0
-    save_state(cfg, mlflow_pid=pid, pg_pid=pg_pid, started_at=time.strftime("%FT%T"),
+    save_state(cfg, mlflow_pid=pid, pg_pid=pg_pid, s3_pid=s3_pid,
+               started_at=time.strftime("%FT%T"),
                start_seconds=round(took, 1))
     record_timing(cfg, "start", took)
     where = f"PostgreSQL 127.0.0.1:{cfg.pg_port} (pid {pg_pid})" if cfg.local_pg \
@@ -507,12 +568,14 @@ def cmd_stop(cfg: Settings) -> int:
     stopped = []
     if stop_mlflow(cfg):
         stopped.append("MLflow server")
+    if team_s3.stop_store(cfg.s3):
+        stopped.append("S3 store")
     if cfg.local_pg and stop_pg(cfg):
         stopped.append("PostgreSQL")
     took = time.monotonic() - t0
     if stopped:
         record_timing(cfg, "stop", took)
-        log(f"stopped {' and '.join(stopped)} in {took:.1f} s")
+        log(f"stopped {', '.join(stopped)} in {took:.1f} s")
     else:
         log("nothing was running")
     return 0
@@ -525,11 +588,21 @@ def cmd_status(cfg: Settings) -> int:
     pid = mlflow_pid(cfg)
     ok = pid is not None and health(cfg.tracking_uri)
     state = "running" if ok else ("not answering" if pid else "stopped")
+    s3_only = saved.get("s3_pid") is not None and saved.get("mlflow_pid") is None
+    all_up = ok or s3_only
+    if cfg.s3_local:
+        s3_pid = team_s3.store_pid(cfg.s3)
+        s3_ok = s3_pid is not None and team_s3.answers(cfg.s3)
+        all_up = all_up and s3_ok
+        s3_state = "running" if s3_ok else ("not answering" if s3_pid else "stopped")
+        print(f"s3 store       {s3_state:<13} pid {s3_pid or '-':<8} {cfg.s3.endpoint}  buckets "
+              f"{', '.join(cfg.s3_buckets)}  data {cfg.s3.state / 'data'}")
+    if s3_only and not pid:
+        return 0 if all_up else 3
     print(f"mlflow server  {state:<13} pid {pid or '-':<8} {cfg.tracking_uri}")
     print(f"  backend      {saved.get('backend_store_uri', mask(cfg.backend_uri))}")
     print(f"  artifacts    {saved.get('artifacts_destination', cfg.artifacts)} "
           "(clients see mlflow-artifacts:/, proxied by the server)")
-    all_up = ok
     if cfg.local_pg:
         pg_pid = pg_running(cfg) if (cfg.pgdata / "PG_VERSION").is_file() else None
         all_up = all_up and pg_pid is not None
@@ -557,6 +630,11 @@ def settings(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--artifacts", default=env("TEAM_ARTIFACTS_DESTINATION") or "")
     parser.add_argument("--db-only", action="store_true",
                         help="start: only PostgreSQL (for pg_restore or `mlflow db upgrade`)")
+    parser.add_argument("--s3", choices=["off", "local"], default=env("TEAM_S3") or None)
+    parser.add_argument("--s3-port", type=int, default=env("TEAM_S3_PORT"))
+    parser.add_argument("--s3-buckets", default=env("TEAM_S3_BUCKETS") or DEFAULT_S3_BUCKETS)
+    parser.add_argument("--s3-only", action="store_true",
+                        help="start: only the local S3 store (a DVC remote; needs --s3 local)")
     parser.add_argument("--timeout", type=float,
                         default=float(env("TEAM_START_TIMEOUT_S") or 120))
     args = parser.parse_args(argv)
@@ -569,20 +647,25 @@ def settings(argv: list[str] | None) -> tuple[argparse.Namespace, Settings]:
     if args.backend and not args.backend.startswith(("postgresql", "mysql", "mssql")):
         parser.error(f"--backend / TEAM_BACKEND_STORE_URI must be a database URI "
                      f"(postgresql+psycopg://user@host:5432/db), got {mask(args.backend)!r}")
-    artifacts = args.artifacts or str(state / "artifacts")
+    if args.s3 not in (None, "off", "local"):
+        parser.error(f"--s3 / TEAM_S3 must be `off` or `local`, got {args.s3!r}")
+    s3_local = (args.s3 or saved.get("s3", "off")) == "local"
+    s3_port = int(args.s3_port or saved.get("s3_port") or DEFAULT_S3_PORT)
+    buckets = tuple(b.strip() for b in args.s3_buckets.split(",") if b.strip())
+    artifacts = args.artifacts or (LOCAL_S3_ARTIFACTS if s3_local else str(state / "artifacts"))
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).resolve())
     return args, Settings(state, pg_port, port, args.workers, args.backend, artifacts,
-                                  args.timeout)
+                          args.timeout, s3_local, s3_port, buckets)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, cfg = settings(argv)
     try:
         if args.command == "start":
-            return cmd_start(cfg, db_only=args.db_only)
+            return cmd_start(cfg, db_only=args.db_only, s3_only=args.s3_only)
         return {"stop": cmd_stop, "status": cmd_status}[args.command](cfg)
-    except TeamError as exc:
+    except (TeamError, team_s3.StoreError) as exc:
         print(f"team-tracking: error: {exc}", file=sys.stderr, flush=True)
         return exc.code
 

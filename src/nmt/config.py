@@ -27,13 +27,45 @@ class ConfigError(ValueError):
     """A params value is unknown, missing, mistyped or out of range."""
 
     def __init__(self, key: str, message: str) -> None:
-        self.key = key
+        self.key, self.reason = key, message
         super().__init__(f"{key}: {message} (edit params.yaml)")
 
 
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
+
+
+# Widest beam the config and `nmt translate --beam` accept. A beam step holds a few score
+# tensors of batch x K x V floats: at evaluate.search.batch_size 128 and V = 8,000 that is
+# 262 MB each at K = 64 (already well past where a wider beam stops helping), 614 MB at 150.
+# The search itself works for any K (see nmt.model.search); REST requests have their own,
+# lower limit (nmt.serving.MAX_BEAM).
+MAX_BEAM_SIZE = 64
+
+
+def beam_problem(beam_size: int, nbest: int,
+                 max_beam: int | None = MAX_BEAM_SIZE) -> tuple[str, str] | None:
+    """The one rule for a beam width and an n-best size, used by every caller that takes them.
+
+    1 <= beam_size <= max_beam (None: no upper bound) and 1 <= nbest <= beam_size. Returns
+    ("beam_size" or "nbest", what is wrong) for the first broken bound, else None; the caller
+    names the key its user wrote (a params key, a CLI flag, a request parameter).
+    """
+    if beam_size < 1 or (max_beam is not None and beam_size > max_beam):
+        allowed = "must be >= 1" if max_beam is None else f"must be in [1, {max_beam}]"
+        return "beam_size", f"{allowed}, got {beam_size}"
+    if not 1 <= nbest <= beam_size:
+        return "nbest", f"must be in [1, beam_size={beam_size}], got {nbest}"
+    return None
+
+
+def check_beam(beam_size: int, nbest: int, max_beam: int | None = MAX_BEAM_SIZE,
+               beam_key: str = "beam_size", nbest_key: str = "nbest") -> None:
+    """Raise ValueError "<key>: <problem>" when `beam_problem` finds one."""
+    if problem := beam_problem(beam_size, nbest, max_beam):
+        key = beam_key if problem[0] == "beam_size" else nbest_key
+        raise ValueError(f"{key}: {problem[1]}")
 
 
 @dataclass(frozen=True)
@@ -147,7 +179,7 @@ class TrainConfig:
     devices: int
     num_nodes: int
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"]
-    precision: Literal["32-true", "bf16-mixed", "16-mixed"]
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "auto"]
     num_threads: int
     optimizer: Literal["adam", "adamw"]
     lr: float
@@ -207,12 +239,11 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         p = "evaluate.search"
-        _require(self.beam_size >= 1, f"{p}.beam_size", f"must be >= 1, got {self.beam_size}")
+        if problem := beam_problem(self.beam_size, self.nbest):
+            raise ConfigError(f"{p}.{problem[0]}", problem[1])
         _require(self.length_penalty >= 0, f"{p}.length_penalty", "must be >= 0")
         _require(self.max_len_ratio > 0, f"{p}.max_len_ratio", "must be > 0")
         _require(self.max_len_offset >= 0, f"{p}.max_len_offset", "must be >= 0")
-        _require(1 <= self.nbest <= self.beam_size, f"{p}.nbest",
-                 "must be in [1, evaluate.search.beam_size]")
         _require(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
 
 

@@ -1,11 +1,8 @@
 """The evaluate stage: decode the test split, score it, write reports, log them to the train run.
 
-Scoring is corpus-level sacrebleu (BLEU, chrF, TER) on detokenised text against *every* reference
-of each distinct test source (the split groups all translations of an English sentence, see
-`nmt.data.vectorize`). sacrebleu takes references as parallel streams of equal length, one string
-per hypothesis; sources with fewer references are padded with `None`, which sacrebleu drops per
-segment (its signature then reads `nrefs:var`). Padding with "" instead would count an empty
-reference, and a flat list of strings instead of streams scores near 0 without an error.
+Scoring (`nmt.metrics`) is corpus-level sacrebleu (BLEU, chrF, TER) on detokenised text against
+*every* reference of each distinct test source (the split groups all translations of an English
+sentence, see `nmt.data.vectorize`).
 
 Reports (`reports_dir`):
     metrics.json        test/bleu, test/chrf, test/ter, test/bleu_greedy, speeds, counts and the
@@ -28,13 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import sacrebleu
 import torch
 
 from nmt.checkpoint import RUN_FILE
 from nmt.config import EvaluateConfig
 from nmt.data.vectorize import load_split
 from nmt.io import atomic_dir, write_json, write_text
+from nmt.metrics import corpus_scores
 from nmt.shortlist import Shortlist
 from nmt.translator import Translation, Translator
 
@@ -42,47 +39,6 @@ log = logging.getLogger(__name__)
 
 TUTORIAL_EXAMPLES = ("Be nice.", "Drop it!", "Get out!")  # from the Keras/PyTorch tutorials
 SAMPLE_SEED_SALT = 11  # the sample is drawn with numpy default_rng([seed, SAMPLE_SEED_SALT])
-
-
-# --------------------------------------------------------------------------------- scoring
-def reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
-    """Per-source reference lists -> sacrebleu streams, padded with None to equal length.
-
-    >>> reference_streams([["a", "b"], ["c"]])
-    [['a', 'c'], ['b', None]]
-    """
-    if isinstance(references, str) or any(isinstance(r, str) for r in references):
-        raise TypeError("references: expected one list of reference strings per hypothesis "
-                        "(a flat list of strings would score as a single reference stream)")
-    if any(len(r) == 0 for r in references):
-        raise ValueError("references: every hypothesis needs at least one reference")
-    width = max((len(r) for r in references), default=0)
-    return [[r[k] if k < len(r) else None for r in references] for k in range(width)]
-
-
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[Sequence[str]],
-                  metrics: Sequence[str] = ("bleu", "chrf", "ter")) -> dict[str, float | str]:
-    """Corpus scores (0-100) and signatures: {"bleu": 31.2, "signature/bleu": "nrefs:var|..."}.
-
-    Args:
-        hypotheses: one detokenised string per source.
-        references: all references of each source (lists may differ in length).
-        metrics: any of "bleu", "chrf", "ter".
-    """
-    if len(hypotheses) != len(references):
-        raise ValueError(f"got {len(hypotheses)} hypotheses but {len(references)} reference "
-                         "lists; need one list per hypothesis")
-    streams = reference_streams(references)
-    scorers = {"bleu": sacrebleu.BLEU, "chrf": sacrebleu.CHRF, "ter": sacrebleu.TER}
-    out: dict[str, float | str] = {}
-    for name in metrics:
-        scorer = scorers[name]()
-        if hypotheses:
-            out[name] = round(float(scorer.corpus_score(list(hypotheses), streams).score), 4)
-        else:
-            out[name] = float("nan")
-        out[f"signature/{name}"] = str(scorer.get_signature())
-    return out
 
 
 # ------------------------------------------------------------------------------- buckets

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import sacrebleu
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from nmt.config import ModelConfig, TrainConfig
 from nmt.data.datamodule import Batch, BleuSubset, pad_sources
+from nmt.metrics import corpus_bleu
 from nmt.model import build_model, count_parameters, greedy_search
 from nmt.specials import PAD_ID
 
@@ -97,13 +97,6 @@ class BleuProbe:
     max_len_ratio: float
     max_len_offset: int
     samples: int
-
-
-def corpus_bleu(hyps: list[str], references: list[list[str]]) -> sacrebleu.BLEUScore:
-    """Multi-reference corpus BLEU; a source with fewer references gets None streams."""
-    streams = max((len(r) for r in references), default=1)
-    ref_streams = [[r[k] if k < len(r) else None for r in references] for k in range(streams)]
-    return sacrebleu.corpus_bleu(hyps, ref_streams)
 
 
 class Seq2SeqModule(L.LightningModule):
@@ -231,8 +224,7 @@ class Seq2SeqModule(L.LightningModule):
             torch.distributed.all_gather_object(gathered, hyps)
             hyps = {k: v for part in gathered if part for k, v in part.items()}
         ordered = [hyps[i] for i in range(len(probe.subset.src))]
-        score = corpus_bleu(ordered, probe.subset.references)
-        return score.score, self._format_samples(probe, ordered)
+        return corpus_bleu(ordered, probe.subset.references), self._format_samples(probe, ordered)
 
     def _format_samples(self, probe: BleuProbe, hyps: list[str]) -> str:
         lines = [f"## step {self.global_step} (epoch {self.current_epoch})", ""]

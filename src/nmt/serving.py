@@ -12,10 +12,16 @@ Request contract (`predict`, and `POST /invocations` of `mlflow models serve`):
   `batch_size` (sentences decoded together, <= MAX_SENTENCES);
 - output: per sentence `{"translation", "score", "truncated", "nbest": [{"translation",
   "score"}, ...]}`, best first;
-- rejected with HTTP 400 / `MlflowException`: non-string values, empty or blank strings, more
-  than MAX_SENTENCES sentences per request, more than MAX_CHARS characters in one sentence,
-  out-of-range params. Sentences longer than the model's `max_src_tokens` pieces are truncated
-  (`truncated: true`, and a warning in the server log), as in evaluation.
+- rejected with HTTP 400 / `RequestRejected` (a one-line message that MLflow's server does not
+  prefix with the request): non-string values, empty or blank strings, text that is not valid
+  Unicode (lone surrogates, e.g. a JSON "\\udcff"), more than MAX_SENTENCES sentences per
+  request, more than MAX_CHARS characters in one sentence, out-of-range params. Sentences longer
+  than the model's `max_src_tokens` pieces are truncated (`truncated: true`, and a warning in the
+  server log), as in evaluation.
+
+Over HTTP, `nmt serve` (`nmt.rest`) puts a guard in front of MLflow's scoring app: bodies over
+`nmt.rest.MAX_BODY_BYTES`, other content types than JSON and unparsable or too deeply nested JSON
+get a short 400, and no error body carries a stack trace or more than a few hundred characters.
 
 Deploy-time option: with the environment variable `NMT_INT8=1` the server decodes with an int8
 copy of the model (`nmt.model.quantize`, CPU only; faster, outputs may differ slightly from
@@ -36,7 +42,11 @@ from typing import Any
 
 import pydantic
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
+
+from nmt.config import beam_problem
+from nmt.text import unicode_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,13 @@ MAX_BEAM = 16
 WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "attribution"
 SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models exported before lack it)
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
+
+
+REEXPORT = "log the model again with `dvc repro export` (or `dvc repro --force export`)"
+
+
+class ArtifactError(ValueError):
+    """A file of a logged pyfunc model is unreadable; the message names it."""
 
 
 class Hypothesis(pydantic.BaseModel):
@@ -104,8 +121,29 @@ def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Pa
     return artifacts
 
 
+class RequestRejected(MlflowException):
+    """HTTP 400 whose message stays as written.
+
+    MLflow's scoring server rewrites the message of an MlflowException raised by `predict` to
+    "Failed to predict data '<the whole request>'. Error: ...", which echoed a 30 MB sentence
+    back to its sender; this exception ignores that rewrite, so the body stays short.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    @property  # type: ignore[override]
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):  # set once, by MlflowException.__init__
+            self._message = value
+
+
 def _bad_request(message: str) -> MlflowException:
-    return MlflowException.invalid_parameter_value(message)  # HTTP 400 in the scoring server
+    return RequestRejected(message)  # HTTP 400 in the scoring server
 
 
 def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: int) -> None:
@@ -118,13 +156,13 @@ def check_request(sentences: list[str], beam_size: int, nbest: int, batch_size: 
             raise _bad_request(f"input {i}: expected a string, got {type(text).__name__}")
         if not text.strip():
             raise _bad_request(f"input {i}: empty sentence; send non-empty English text")
+        if problem := unicode_problem(text):
+            raise _bad_request(f"input {i}: {problem}; send UTF-8 text")
         if len(text) > MAX_CHARS:
             raise _bad_request(f"input {i}: {len(text)} characters; the limit is {MAX_CHARS} "
                                "per sentence (this model translates single sentences)")
-    if not 1 <= beam_size <= MAX_BEAM:
-        raise _bad_request(f"params.beam_size: must be in [1, {MAX_BEAM}], got {beam_size}")
-    if not 1 <= nbest <= beam_size:
-        raise _bad_request(f"params.nbest: must be in [1, beam_size={beam_size}], got {nbest}")
+    if problem := beam_problem(beam_size, nbest, MAX_BEAM):
+        raise _bad_request(f"params.{problem[0]}: {problem[1]}")
     if not 1 <= batch_size <= MAX_SENTENCES:
         raise _bad_request(f"params.batch_size: must be in [1, {MAX_SENTENCES}], "
                            f"got {batch_size}")
@@ -135,6 +173,7 @@ class TranslatorModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         """Build the model from safetensors + JSON and the tokenizers; no unpickling."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_model
 
         from nmt.config import ModelConfig, SearchConfig
@@ -143,10 +182,19 @@ class TranslatorModel(PythonModel):
         from nmt.shortlist import Shortlist
         from nmt.translator import Translator
 
-        config = json.loads(Path(context.artifacts[CONFIG]).read_text(encoding="utf-8"))
-        model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
-                            config["trg_vocab_size"])
-        load_model(model, context.artifacts[WEIGHTS])
+        config_path, weights_path = Path(context.artifacts[CONFIG]), context.artifacts[WEIGHTS]
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            model = build_model(ModelConfig(**config["model"]), config["src_vocab_size"],
+                                config["trg_vocab_size"])
+        except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ArtifactError(f"{config_path}: not a readable serving config ({exc}); "
+                                f"{REEXPORT}") from exc
+        try:
+            load_model(model, weights_path)
+        except (SafetensorError, RuntimeError, OSError, ValueError) as exc:
+            raise ArtifactError(f"{weights_path}: not readable weights of this model (truncated?"
+                                f" {type(exc).__name__}: {str(exc)[:200]}); {REEXPORT}") from exc
         src_tok, trg_tok = load_tokenizers(context.artifacts[TOKENIZERS])
         shortlist = (Shortlist.load(context.artifacts[SHORTLIST])
                      if SHORTLIST in context.artifacts else None)
@@ -236,12 +284,16 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False,
 
 
 def _check_store(tracking_uri: str) -> None:
-    """Refuse a SQLite store that does not exist (MLflow would create an empty one)."""
+    """Refuse a SQLite store that does not exist (MLflow would create an empty one) or that is
+    not a readable SQLite file (TrackingError)."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():
             raise ModelNotFoundError(f"no MLflow store at {db}: run `dvc repro` (train ... "
                                      "export) first, or set MLFLOW_TRACKING_URI")
+        from nmt.tracking import check_sqlite_store
+
+        check_sqlite_store(db)  # TrackingError naming a corrupt file
 
 
 def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:

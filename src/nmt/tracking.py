@@ -1,6 +1,7 @@
 """MLflow, in one place: tracking URI, runs, params, tags, artifacts and the run hand-off.
 
-Only this module (and the Lightning `MLFlowLogger` it builds) talks to MLflow.
+Only this module (and the Lightning `MLFlowLogger` it builds) talks to MLflow about runs; the
+model registry (versions, aliases, promotion) is `nmt.registry`.
 
 Tracking URI: the `MLFLOW_TRACKING_URI` environment variable, else `tracking.tracking_uri` from
 params. A relative SQLite path (`sqlite:///mlflow.db`) is resolved against the repository root,
@@ -27,12 +28,13 @@ import logging
 import os
 import re
 import secrets
+import sqlite3
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,7 +116,30 @@ def check_reachable(uri: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
                 f"start it, or point {ENV_URI} / tracking.tracking_uri at a reachable store"
             ) from exc
     elif uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if db.is_file():
+            check_sqlite_store(db)
+
+
+def check_sqlite_store(db: Path) -> None:
+    """Raise TrackingError naming `db` unless it is a readable SQLite file (read-only check).
+
+    MLflow would otherwise fail deep inside sqlalchemy with a traceback that names no file.
+    `PRAGMA quick_check` reads every page, so a truncated file is caught too (well under a
+    second for a store of tens of MB).
+    """
+    try:
+        with closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as con:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        problem = None if rows == [("ok",)] else "; ".join(str(r[0]) for r in rows[:3])
+    except sqlite3.Error as exc:
+        problem = str(exc)
+    if problem:
+        raise TrackingError(
+            f"{db}: not a readable MLflow store ({problem}); restore it from a backup, or move "
+            f"it aside (`mv {db} {db}.broken`) and rerun `dvc repro --force train` to start a "
+            "new store (the old runs and registered models stay in the moved file)")
 
 
 def _experiment_id(client: MlflowClient, name: str, repo_root: Path, uri: str) -> str:
@@ -238,6 +263,11 @@ def log_metrics(ref: RunRef, metrics: Mapping[str, float], step: int = 0) -> Non
                                           for k, v in metrics.items()])
 
 
+def logged_metrics(ref: RunRef) -> dict[str, float]:
+    """The run's latest value of every metric."""
+    return dict(MlflowClient(ref.tracking_uri).get_run(ref.run_id).data.metrics)
+
+
 def set_tags(ref: RunRef, tags: Mapping[str, str]) -> None:
     client = MlflowClient(ref.tracking_uri)
     for key, value in tags.items():
@@ -275,9 +305,15 @@ def write_run_json(path: Path, ref: RunRef) -> None:
 
 
 def read_run_json(path: Path) -> RunRef:
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return RunRef(**{k: str(data[k]) for k in ("run_id", "experiment_id", "tracking_uri",
-                                               "experiment")})
+    """The run hand-off; TrackingError naming the file when it is not one (FileNotFoundError
+    when missing)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return RunRef(**{k: str(data[k]) for k in ("run_id", "experiment_id", "tracking_uri",
+                                                   "experiment")})
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise TrackingError(f"{path}: not a run hand-off file ({type(exc).__name__}: {exc}); "
+                            "rebuild it with `dvc repro --force train`") from exc
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ otherwise it clears the folder and starts fresh. Every (re)start is a new MLflow
 previous run still marked RUNNING (the process was killed with SIGKILL) is set to KILLED, and the
 new run is tagged `resumed_from_run_id` / `resumed_from_step`. Ctrl-C and SIGTERM end the run as
 KILLED (SIGTERM stops at the end of the current batch), other exceptions as FAILED.
+
+Progress: a line every `log_every_steps` (a bar too on a terminal) and the per-step history
+`reports/train/steps.csv`, see `nmt.progress`. Precision: `nmt.precision.resolve_precision`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ from nmt.data.datamodule import TranslationDataModule, bleu_subset
 from nmt.data.vocab import load_tokenizers
 from nmt.io import write_json, write_text
 from nmt.lit_module import BleuProbe, NonFiniteLossError, Seq2SeqModule
+from nmt.precision import resolve_precision
+from nmt.progress import STEPS_FILE, TrainProgress
 from nmt.sources import package_imports
 from nmt.tracking import RunRef, TrackingError
 
@@ -80,7 +85,10 @@ class TrainResult:
 
 
 def check_runtime(cfg: TrainConfig) -> str:
-    """Resolve the accelerator ('cpu', 'cuda' or 'mps'); ConfigError before any work."""
+    """Resolve the accelerator ('cpu', 'cuda' or 'mps'); ConfigError before any work.
+
+    The precision is checked against it by `nmt.precision.resolve_precision`.
+    """
     cuda = torch.cuda.is_available()
     mps = torch.backends.mps.is_available()
     if cfg.accelerator in ("gpu", "cuda") and not cuda:
@@ -90,11 +98,6 @@ def check_runtime(cfg: TrainConfig) -> str:
         raise ConfigError("train.accelerator", "'mps' requested but MPS is not available")
     resolved = {"gpu": "cuda", "cuda": "cuda", "mps": "mps", "cpu": "cpu"}.get(
         cfg.accelerator, "cuda" if cuda else "mps" if mps else "cpu")
-    if cfg.precision != "32-true" and resolved == "cpu":
-        raise ConfigError("train.precision", f"{cfg.precision!r} needs a GPU (accelerator "
-                                             f"resolves to cpu here); use 32-true on CPU")
-    if cfg.precision == "bf16-mixed" and resolved == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("train.precision", "this GPU has no bf16; use 16-mixed")
     return resolved
 
 
@@ -196,19 +199,22 @@ class ValidationRecorder(L.Callback):
 
 
 # ------------------------------------------------------------------------------------ train
-def _build_trainer(cfg: TrainConfig, dm: TranslationDataModule, ckpt_dir: Path,
-                   run: RunRef | None, is_zero: bool) -> tuple[L.Trainer, ModelCheckpoint]:
+def _build_trainer(cfg: TrainConfig, precision: str, dm: TranslationDataModule, ckpt_dir: Path,
+                   reports_dir: Path, run: RunRef | None, is_zero: bool
+                   ) -> tuple[L.Trainer, ModelCheckpoint]:
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:07d}", monitor="val/loss",
                            mode="min", save_top_k=1, save_last=True,
                            auto_insert_metric_name=False)
     callbacks = [best, EarlyStopping(monitor="val/loss", mode="min",
                                      patience=cfg.early_stopping_patience,
                                      check_on_train_epoch_end=False),
-                 StopAtMaxSteps(cfg.max_steps), ValidationRecorder(run)]
+                 StopAtMaxSteps(cfg.max_steps), ValidationRecorder(run),
+                 TrainProgress(cfg.log_every_steps, Path(reports_dir) / STEPS_FILE if is_zero
+                               else None)]
     logger = tracking.lightning_logger(run) if (run is not None and is_zero) else False
     trainer = L.Trainer(
         accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy, precision=cfg.precision, max_epochs=cfg.max_epochs,
+        strategy=cfg.strategy, precision=precision, max_epochs=cfg.max_epochs,
         max_steps=cfg.max_steps, max_time={"minutes": cfg.max_minutes},
         val_check_interval=dm.val_interval, check_val_every_n_epoch=1,
         gradient_clip_val=cfg.grad_clip or None, gradient_clip_algorithm="norm",
@@ -242,7 +248,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
     """Fit, then write `model_dir` and `reports_dir` (rank 0); see the module docstring."""
     t_start = time.perf_counter()
     cfg = params.train
-    check_runtime(cfg)
+    precision = resolve_precision(cfg.precision, check_runtime(cfg))
     rank = _global_rank(cfg)
     is_zero = rank == 0
     model_dir, ckpt_dir = Path(model_dir), Path(model_dir) / CHECKPOINTS_DIR
@@ -269,7 +275,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
         if previous is not None and tracking.kill_if_running(previous):
             log.warning("previous run %s was left RUNNING (killed process): marked KILLED",
                         previous.run_id)
-        extra = {"stage": "train"}
+        extra = {"stage": "train", "precision": precision}
         if resume is not None:
             step = int(torch.load(resume, map_location="cpu", weights_only=True)["global_step"])
             log.info("resuming from %s at step %d", resume, step)
@@ -283,7 +289,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
                                    "data/padding_trg": dm.padding["trg"],
                                    "model/parameters": module.num_parameters})
 
-    trainer, best = _build_trainer(cfg, dm, ckpt_dir, run, is_zero)
+    trainer, best = _build_trainer(cfg, precision, dm, ckpt_dir, reports_dir, run, is_zero)
     try:
         with _sigterm_outside_fit() as flag, warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* not empty")
@@ -380,7 +386,7 @@ def _finish(params: Params, module: Seq2SeqModule, trainer: L.Trainer, best: Mod
     tracking.log_artifact(run, model_dir / TOKENIZERS_DIR, "tokenizers")
     for name in (MODEL_FILE, CONFIG_FILE):
         tracking.log_artifact(run, model_dir / name, "model")
-    for name in ("metrics.json", "history.csv"):
+    for name in ("metrics.json", "history.csv", STEPS_FILE):
         tracking.log_artifact(run, reports_dir / name, "reports/train")
     tracking.set_tags(run, {"best_checkpoint": best_path.name})
     log.info("best val/loss %.4f val/bleu %.2f at step %d; %d steps, %.0f target tokens/s",

@@ -4,8 +4,10 @@ Depends on torch and the model/tokenizer code only (no Lightning, no MLflow), so
 pyfunc or a REST handler can wrap it unchanged.
 
 Per call to `translate`:
-1. every input is cleaned with `nmt.data.corpus.normalize`, the function the corpus went through
-   before training, so training and serving see the same text;
+1. inputs that are not valid Unicode (`nmt.text.unicode_problem`) stop the call with an
+   `InputError` naming them, before any decoding; valid ones are cleaned with
+   `nmt.text.normalize`, as the corpus was before training, so training and serving see the same
+   text;
 2. empty sentences get an empty translation without running the model;
 3. sources longer than the model's `vectorize.max_src_tokens` are cut to that length (one warning
    per call, `Translation.truncated`); pieces the tokenizer does not know become UNK
@@ -30,14 +32,14 @@ import torch
 from torch import Tensor
 
 from nmt.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZERS_DIR, load_model
-from nmt.config import SearchConfig
-from nmt.data.corpus import normalize
+from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
 from nmt.model.quantize import is_quantized, quantize_int8
 from nmt.shortlist import Shortlist, ShortlistModel, output_layer
 from nmt.specials import SPECIAL_PIECES, UNK_ID
+from nmt.text import normalize, unicode_problem
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ EOS_LABEL = SPECIAL_PIECES[3]  # "</s>": the last row and column of every attent
 
 
 class InputError(ValueError):
-    """An input file cannot be read as text (missing, or not UTF-8)."""
+    """Input cannot be read as text: a missing or non-UTF-8 file, or a string that is not valid
+    Unicode (lone surrogates, what Python makes of undecodable bytes)."""
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,16 @@ def read_lines(path: Path | str) -> list[str]:
                          ) from exc
     lines = [line.removesuffix("\r") for line in text.removeprefix("\ufeff").split("\n")]
     return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def check_text(sentences: Sequence[str]) -> None:
+    """Raise InputError naming every sentence (1-based, at most 10) that is not valid Unicode."""
+    bad = [(i, p) for i, s in enumerate(sentences) if (p := unicode_problem(s)) is not None]
+    if bad:
+        shown = "; ".join(f"sentence {i + 1}: {p}" for i, p in bad[:10])
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise InputError(f"{len(bad)} of {len(sentences)} inputs cannot be translated: "
+                         f"{shown}{more}; pass UTF-8 text")
 
 
 @dataclass(frozen=True)
@@ -221,9 +234,10 @@ class Translator:
         if nbest is None and beam_size is not None:
             n = min(n, beam)
         batch = self.search.batch_size if batch_size is None else batch_size
-        if beam < 1 or not 1 <= n <= beam or batch < 1:
-            raise ValueError(f"need beam_size >= 1, 1 <= nbest <= beam_size and batch_size >= 1;"
-                             f" got beam_size={beam}, nbest={n}, batch_size={batch}")
+        check_beam(beam, n, max_beam=None)  # the search works for any width
+        if batch < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {batch}")
+        check_text(sentences)
         sources = [normalize(s) for s in sentences]
         encoded = [self._encode(i, s) for i, s in enumerate(sources) if s]
         self._warn_truncated(encoded, len(sources))
@@ -242,6 +256,7 @@ class Translator:
 
     def source_pieces(self, sentence: str) -> list[str]:
         """Column labels of `Translation.attention`: source pieces after truncation, then EOS."""
+        check_text([sentence])
         return [*self.src_tok.pieces(normalize(sentence))[: self.max_src_tokens], EOS_LABEL]
 
     def target_pieces(self, tokens: Sequence[int]) -> list[str]:

@@ -20,11 +20,11 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import REPO, tiny_raw, write_params
-from nmt import export as nmt_export
-from nmt import tracking
+from nmt import registry, tracking
 from nmt.checkpoint import load_model
 from nmt.config import load_params
 from nmt.evaluation import TUTORIAL_EXAMPLES
+from nmt.export import stage as export_lib
 from nmt.shortlist import Shortlist
 from nmt.translator import Translator
 
@@ -116,8 +116,8 @@ def test_export_registers_first_version_as_champion(exported: dict) -> None:
     assert {k: mv.tags[k] for k in ("test_bleu", "promotion", "champion_bleu_before")} == {
         "test_bleu": "20.0", "promotion": "promoted", "champion_bleu_before": "none"}
     assert sorted(p.name for p in Path(exported["export_dir"]).iterdir()) == [
-        "ATTRIBUTION.md", "decoder_step.pt2", "encoder.pt2", "runner.json", "tokenizers",
-        "translate.py"]
+        "ATTRIBUTION.md", "decoder_step.pt2", "encoder.pt2", "nmt_portable", "runner.json",
+        "tokenizers", "translate.py"]
 
 
 def test_registered_pyfunc_is_pickle_free_pinned_and_translates(exported: dict,
@@ -141,8 +141,8 @@ def test_registered_pyfunc_is_pickle_free_pinned_and_translates(exported: dict,
 def test_identical_model_is_found_instead_of_registered_again(exported: dict) -> None:
     client = MlflowClient(exported["uri"])
     sha = client.get_model_version(NAME, "1").tags["content_sha256"]
-    assert nmt_export.find_registered(client, NAME, sha) == "1"
-    assert nmt_export.find_registered(client, NAME, "0" * 64) is None
+    assert registry.find_registered(client, NAME, sha) == "1"
+    assert registry.find_registered(client, NAME, "0" * 64) is None
 
 
 def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
@@ -155,7 +155,7 @@ def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
                             model_params.vectorize.max_src_tokens,
                             Shortlist.in_model_dir(model_dir))  # as the stage does
-    promotion, _ = nmt_export._publish(
+    promotion, _ = export_lib.publish(
         params, translator, model_params.model, model_dir, REPO / "data/external/ATTRIBUTION.md",
         tracking.read_run_json(model_dir / "run.json"), TEST_BLEU)
     assert (promotion.decision, promotion.version, promotion.champion_version) == (
@@ -164,9 +164,9 @@ def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
 
 
 def _register(client: MlflowClient, exported: dict, name: str, bleu: float,
-              margin: float = 0.5) -> nmt_export.Promotion:
+              margin: float = 0.5) -> registry.Promotion:
     uri = client.get_model_version(NAME, "1").tags["logged_model_uri"]
-    return nmt_export.register_and_promote(client, name, uri, exported["run_id"], bleu, margin)
+    return registry.register_and_promote(client, name, uri, exported["run_id"], bleu, margin)
 
 
 def test_gate_sequence(exported: dict) -> None:
@@ -226,7 +226,7 @@ def test_failed_parity_leaves_registry_and_outputs_unchanged(
         cfg = json.loads((out_dir / "runner.json").read_text())
         (out_dir / "runner.json").write_text(json.dumps(cfg | {"max_len_offset": 1}))
 
-    monkeypatch.setattr(nmt_export, "write_portable", broken_portable)
+    monkeypatch.setattr(export_lib, "write_portable", broken_portable)
     params = write_params(tmp_path / "params.yaml", tiny_raw(
         tracking={"tracking_uri": exported["uri"]}, export={"parity_sentences": 4}))
     out_dir, reports = tmp_path / "export", tmp_path / "reports"
@@ -252,8 +252,19 @@ def test_report_from_another_model_is_refused(exported: dict, tmp_path: Path) ->
     tracking.log_metrics(other, {"test/bleu": 7.5})
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"test/bleu": TEST_BLEU}))
-    with pytest.raises(nmt_export.ExportError, match="belongs to another model"):
-        nmt_export.read_test_bleu(metrics, other)
+    with pytest.raises(export_lib.ExportError, match="belongs to another model"):
+        export_lib.read_test_bleu(metrics, other)
     metrics.write_text(json.dumps({"test/chrf": 1.0}))
-    with pytest.raises(nmt_export.ExportError, match="test/bleu missing"):
-        nmt_export.read_test_bleu(metrics, ref)
+    with pytest.raises(export_lib.ExportError, match="test/bleu missing"):
+        export_lib.read_test_bleu(metrics, ref)
+
+
+def test_untagged_champion_stops_the_gate_with_registry_error(exported: dict) -> None:
+    """A champion without a test_bleu tag (moved by hand) cannot be compared: nothing changes."""
+    client, name = MlflowClient(exported["uri"]), "gate-untagged"
+    _register(client, exported, name, 10.0)
+    client.delete_model_version_tag(name, "1", "test_bleu")
+    before = snapshot(client, name)
+    with pytest.raises(registry.RegistryError, match="version 1 \\(champion\\) has no test_bleu"):
+        _register(client, exported, name, 50.0)
+    assert snapshot(client, name) == before

@@ -1,7 +1,9 @@
-"""`mlflow models serve` on the champion of the session's export, over 127.0.0.1 only.
+"""`nmt serve` (MLflow's scoring app behind nmt.rest.RequestGuard) on the champion of the
+session's export, over 127.0.0.1 only.
 
 One server for the module (started in a subprocess group, killed in a finally). Each bad request
-must get a 4xx with a message, and a good request must still succeed right after it.
+must get a 4xx with a short message and no stack trace, and a good request must still succeed
+right after it.
 """
 
 from __future__ import annotations
@@ -28,15 +30,21 @@ START_TIMEOUT_S = 240  # the server imports torch, lightning and mlflow on a sha
 GOOD = ["Be nice.", "Drop it!", "Get out!"]
 
 
-def post(url: str, body: bytes | dict, timeout: float = 120) -> tuple[int, dict]:
+MAX_ERROR_BODY = 1000  # bytes: an error never echoes the request or carries a stack trace
+
+
+def post(url: str, body: bytes | dict, timeout: float = 120,
+         content_type: str = "application/json") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(f"{url}/invocations", data=data, method="POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+        raw = exc.read()
+        assert len(raw) < MAX_ERROR_BODY and b"stack_trace" not in raw, raw[:2000]
+        return exc.code, json.loads(raw or b"{}")
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -57,9 +65,8 @@ def start_server(uri: str, model: str, log_path: Path) -> tuple[subprocess.Popen
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [str(mlflow_bin), "models", "serve", "-m", model, "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [sys.executable, "-m", "nmt.cli", "serve", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port)]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_path.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
@@ -116,12 +123,22 @@ def test_tutorial_examples(server: str) -> None:
     ({"inputs": ["Go."] * 1000}, f"the limit is {MAX_SENTENCES}"),
     ({"inputs": ["Go."], "params": {"beam_size": 100}}, "beam_size"),
     ({"text": ["Go."]}, "inputs"),
+    ({"inputs": ["\udcff bad"]}, "input 0: not valid UTF-8 at character 0 (byte 0xff)"),
+    ({"inputs": ["Be nice.", "x" * 30_000_000]}, "request body is 30,000,"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
 ])
 def test_bad_requests_get_4xx_and_server_keeps_serving(server: str, body: bytes | dict,
                                                        message: str) -> None:
     status, reply = post(server, body)
     assert 400 <= status < 500, reply
     assert message in reply.get("message", ""), reply
+    assert_good(server)
+
+
+def test_json_sent_as_csv_gets_a_short_400(server: str) -> None:
+    status, reply = post(server, {"inputs": GOOD}, content_type="text/csv")
+    assert status == 400 and "Content-Type 'text/csv' is not accepted" in reply["message"]
     assert_good(server)
 
 

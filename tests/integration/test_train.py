@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -16,9 +18,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import nmt.precision as precision
 from conftest import tiny_raw, write_params
 from nmt.checkpoint import load_model
+from nmt.data.datamodule import pad_sources
 from nmt.data.vectorize import load_split
+from nmt.specials import BOS_ID
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -70,7 +75,7 @@ def test_train_writes_model_dir_reports_and_mlflow_run(tiny_trained: dict) -> No
     assert [m.step for m in bleu] == val_steps
     stored = _artifacts(client, run["run_id"])
     assert {"model/model.pt", "model/config.json", "tokenizers/meta.json",
-            "reports/train/metrics.json"} <= stored
+            "reports/train/metrics.json", "reports/train/steps.csv"} <= stored
     assert {"samples/step_0000005.md", "samples/step_0000012.md"} <= stored
     sample = client.download_artifacts(run["run_id"], "samples/step_0000012.md")
     text = Path(sample).read_text(encoding="utf-8")
@@ -130,6 +135,9 @@ def test_killed_training_resumes_from_last_checkpoint(tiny_data: dict, tmp_path:
     steps = [int(r.split(",")[0]) for r in history]
     assert step in steps and steps == sorted(set(steps))  # history kept across the restart
     assert steps[0] <= 5 and steps[-1] == 30
+    rows = (tmp_path / "reports/train/steps.csv").read_text().splitlines()[1:]
+    logged = [int(r.split(",")[0]) for r in rows]  # progress rows kept across the restart
+    assert logged == list(range(2, 31, 2))  # log_every_steps 2
     assert min(m.step for m in client.get_metric_history(new, "train/loss")) > step
 
 
@@ -156,15 +164,37 @@ def test_nan_loss_stops_with_the_step_and_fails_the_run(tiny_data: dict, tmp_pat
     assert not (tmp_path / "models/model.pt").exists()
 
 
-def test_mixed_precision_on_cpu_fails_before_any_work(tmp_path: Path, sqlite_uri: str,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_bf16_on_a_cpu_without_bf16_units_fails_before_any_work(
+        tmp_path: Path, sqlite_uri: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])  # capability faked absent
     params = write_params(tmp_path / "params.yaml", tiny_raw(train={"precision": "bf16-mixed"}))
     with caplog.at_level(logging.ERROR):  # the processed folder does not even exist
         assert train_stage.main(_args(params, tmp_path / "missing", tmp_path)) == 1
-    assert "train.precision: 'bf16-mixed' needs a GPU" in caplog.text
+    assert "train.precision: 'bf16-mixed' needs a CPU with bf16 units" in caplog.text
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_on_cpu_trains_finite_and_saves_a_loadable_fp32_model(
+        tiny_data: dict, tmp_path: Path, sqlite_uri: str, one_thread: None) -> None:
+    if torch.cuda.is_available() or not precision.cpu_bf16_flags():
+        pytest.skip("needs a CPU with bf16 units (amx_bf16 or avx512_bf16)")
+    params = write_params(tmp_path / "params.yaml", tiny_raw(train={"precision": "bf16-mixed"}))
+    assert train_stage.main(_args(params, tiny_data["processed"], tmp_path)) == 0
+    metrics = json.loads((tmp_path / "reports/train/metrics.json").read_text(encoding="utf-8"))
+    assert metrics["steps"] == 12 and math.isfinite(metrics["val/loss"])
+    rows = list(csv.DictReader((tmp_path / "reports/train/steps.csv").open(encoding="utf-8")))
+    assert len(rows) == 6 and all(math.isfinite(float(r["train/loss"])) for r in rows)
+    model, src_tok, _, _ = load_model(tmp_path / "models")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay fp32
+    src, lengths = pad_sources([src_tok.encode("hello .")])
+    logits = model(src, lengths, torch.tensor([[BOS_ID, 5, 6]]))
+    assert torch.isfinite(logits).all()
+    run_id = json.loads((tmp_path / "models/run.json").read_text())["run_id"]
+    assert MlflowClient(sqlite_uri).get_run(run_id).data.tags["precision"] == "bf16-mixed"
 
 
 def test_unreachable_tracking_server_fails_before_training(tiny_data: dict, tmp_path: Path,

@@ -11,7 +11,7 @@ from test_export_registry import NAME, export_once
 
 from conftest import tiny_raw, write_params
 from nmt import cli
-from nmt.serving import INT8_ENV, int8_requested
+from nmt.serving import INT8_ENV, MAX_SENTENCES, int8_requested
 
 
 @pytest.fixture()
@@ -124,3 +124,64 @@ def test_pyfunc_ships_the_shortlist_and_full_vocab_turns_it_off(exported: dict, 
         args = ["--params", exported["params"], "--model", model, "--beam", "2", "Be nice."]
         rc, lines, err = run(capsys, *args, "--full-vocab")
         assert rc == 0 and len(lines) == 1 and lines[0], err
+
+
+def binary_stdin(data: bytes) -> io.TextIOWrapper:
+    """A stdin like the terminal's: bytes underneath (`.buffer`), UTF-8 text on top."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
+@pytest.mark.parametrize("ref", ["champion", "model_dir"])
+def test_invalid_utf8_line_is_reported_and_the_rest_translated(exported: dict, capsys,
+                                                               monkeypatch, ref: str) -> None:
+    monkeypatch.setattr("sys.stdin", binary_stdin(b"Caf\xe9 time.\nBe nice.\n\nGo.\n"))
+    model = [] if ref == "champion" else ["--model", exported["model_dir"]]
+    rc, lines, err = run(capsys, "--params", exported["params"], *model)
+    assert rc == 1
+    assert len(lines) == 4 and lines[0] == "" and lines[1] and lines[2] == "" and lines[3]
+    assert "stdin line 1: not valid UTF-8 at byte 3" in err and "1 of 4 lines" in err
+    assert "Traceback" not in err and "RuntimeError" not in err
+
+
+def test_argument_with_undecodable_bytes_is_reported(exported: dict, capsys) -> None:
+    # Python hands over undecodable argv bytes as lone surrogates (surrogateescape)
+    rc, lines, err = run(capsys, "--params", exported["params"], "--model",
+                         exported["model_dir"], "Caf\udce9 time.", "Be nice.")
+    assert rc == 1 and len(lines) == 2 and lines[0] == "" and lines[1]
+    assert "argument 1: not valid UTF-8 at character 3 (byte 0xe9)" in err
+
+
+def test_over_long_line_is_reported_not_fatal(exported: dict, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("Go.\n" + "x" * 5000 + "\nBe nice.\n"))
+    rc, lines, err = run(capsys, "--params", exported["params"], "--beam", "1")
+    assert rc == 1 and len(lines) == 3 and lines[0] and lines[1] == "" and lines[2]
+    assert "stdin line 2: 5,000 characters; the limit is 1000" in err
+
+
+def test_more_stdin_lines_than_one_request_holds(exported: dict, capsys, monkeypatch) -> None:
+    n = MAX_SENTENCES + 44
+    monkeypatch.setattr("sys.stdin", io.StringIO("Go.\nBe nice.\n" * (n // 2)))
+    rc, lines, err = run(capsys, "--params", exported["params"], "--beam", "1")
+    assert rc == 0, err
+    assert len(lines) == n and all(lines)
+
+
+def test_works_from_any_folder(exported: dict, capsys, monkeypatch, tmp_path) -> None:
+    monkeypatch.chdir(tmp_path)  # no params.yaml here or above
+    rc, lines, err = run(capsys, "--model", exported["model_dir"], "--beam", "1", "Go.")
+    assert rc == 0 and len(lines) == 1 and lines[0], err
+    # MLFLOW_TRACKING_URI (set by the fixture) is enough for the registered champion
+    rc, lines, err = run(capsys, "--beam", "1", "Go.")
+    assert rc == 0 and len(lines) == 1 and lines[0], err
+
+
+def test_finds_the_project_from_a_subfolder(exported: dict, capsys, monkeypatch,
+                                            tmp_path) -> None:
+    project = tmp_path / "project"
+    (project / "docs" / "deep").mkdir(parents=True)
+    (project / "params.yaml").write_text(open(exported["params"]).read())
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    monkeypatch.chdir(project / "docs" / "deep")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the store must come from the project's params
+    rc, lines, err = run(capsys, "--beam", "1", "Go.")
+    assert rc == 0 and len(lines) == 1 and lines[0], err

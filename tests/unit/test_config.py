@@ -9,7 +9,16 @@ import pytest
 import yaml
 
 from conftest import REPO, TINY_PROFILE
-from nmt.config import ConfigError, flatten, load_params, merge, parse_params, read_yaml
+from nmt.config import (
+    ConfigError,
+    beam_problem,
+    check_beam,
+    flatten,
+    load_params,
+    merge,
+    parse_params,
+    read_yaml,
+)
 
 
 def _raw() -> dict:
@@ -40,7 +49,12 @@ def test_tiny_profile_overrides_only_named_keys() -> None:
     (lambda r: r["model"].update(bidirectional=1), "model.bidirectional", "expected bool"),
     (lambda r: r["model"].update(hidden=True), "model.hidden", "got bool"),
     (lambda r: r["model"].update(attention="luong"), "model.attention", "'bahdanau'"),
-    (lambda r: r["evaluate"]["search"].update(beam_size=0), "evaluate.search.beam_size", ">= 1"),
+    (lambda r: r["evaluate"]["search"].update(beam_size=0), "evaluate.search.beam_size",
+     "must be in [1, 64], got 0"),
+    (lambda r: r["evaluate"]["search"].update(beam_size=150), "evaluate.search.beam_size",
+     "must be in [1, 64], got 150"),
+    (lambda r: r["evaluate"]["search"].update(beam_size=4, nbest=5), "evaluate.search.nbest",
+     "must be in [1, beam_size=4], got 5"),
     (lambda r: r["evaluate"].update(search=5), "evaluate.search", "expected a mapping"),
     (lambda r: r["vectorize"].update(valid_fraction=0.3, test_fraction=0.3),
      "vectorize.test_fraction", "< 0.5"),
@@ -97,3 +111,13 @@ def test_flatten_gives_dotted_leaves() -> None:
         flat["evaluate.search.beam_size"], int)
     assert "train.lr" in flat and "seed" in flat
     assert not any(dataclasses.is_dataclass(v) for v in flat.values())
+
+
+def test_one_beam_rule_for_every_caller() -> None:
+    assert beam_problem(64, 64) is None and beam_problem(1, 1) is None
+    assert beam_problem(65, 1) == ("beam_size", "must be in [1, 64], got 65")
+    assert beam_problem(500, 3, max_beam=None) is None  # the search itself has no upper bound
+    assert beam_problem(0, 1, max_beam=None) == ("beam_size", "must be >= 1, got 0")
+    assert beam_problem(3, 0) == ("nbest", "must be in [1, beam_size=3], got 0")
+    with pytest.raises(ValueError, match=r"^--nbest: must be in \[1, beam_size=2\], got 3$"):
+        check_beam(2, 3, beam_key="--beam", nbest_key="--nbest")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nmt.data.corpus import normalize, parse_corpus
+from nmt.data.corpus import parse_corpus
+from nmt.text import normalize
 
 
 @pytest.mark.parametrize(("raw", "expected"), [

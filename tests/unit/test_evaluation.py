@@ -1,12 +1,10 @@
-"""Evaluation helpers: multi-reference scoring, length buckets, reports, heatmaps."""
+"""Evaluation helpers: length buckets, reports, heatmaps (scoring: test_metrics.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pytest
-import sacrebleu
 import torch
 
 from nmt.evaluation import (
@@ -14,54 +12,10 @@ from nmt.evaluation import (
     bleu_by_length,
     bucket_labels,
     bucket_of,
-    corpus_scores,
-    reference_streams,
     samples_markdown,
     save_heatmap,
 )
 from nmt.translator import Translation
-
-REFS = [  # BLEU needs 4-grams: every sentence has at least 4 tokens
-    ["Tu dois être gentil avec lui.", "Tu dois être gentille avec lui.",
-     "Vous devez être gentils avec lui."],  # three references
-    ["Sors d'ici tout de suite !"],  # one reference
-]
-A1, A2, A3 = REFS[0]
-B1 = REFS[1][0]
-
-
-def test_reference_streams_pad_with_none() -> None:
-    assert reference_streams(REFS) == [[A1, B1], [A2, None], [A3, None]]
-
-
-def test_hypothesis_equal_to_second_reference_scores_100() -> None:
-    scores = corpus_scores([A2, B1], REFS)
-    assert scores["bleu"] == pytest.approx(100.0)
-    assert scores["chrf"] == pytest.approx(100.0)
-    assert scores["ter"] == pytest.approx(0.0)
-    assert str(scores["signature/bleu"]).startswith("nrefs:var|")
-
-
-def test_three_refs_and_one_ref_scored_like_per_sentence_reference_sets() -> None:
-    hyps = ["Vous devez être gentil avec elle.", "Sortez d'ici tout de suite !"]
-    expected = sacrebleu.BLEU().corpus_score(hyps, [[A1, B1], [A2, None], [A3, None]]).score
-    assert 0 < expected < 100
-    assert corpus_scores(hyps, REFS)["bleu"] == pytest.approx(expected, abs=1e-3)
-    # The second source has one reference only: its missing streams must not be ""
-    empty_padded = sacrebleu.TER().corpus_score(hyps, [[A1, B1], [A2, ""], [A3, ""]]).score
-    assert corpus_scores(hyps, REFS)["ter"] != pytest.approx(empty_padded)
-    # every reference counts: scoring only the first would lose the match with the 3rd one
-    first_only = corpus_scores([A3, B1], [[r[0]] for r in REFS])["bleu"]
-    assert corpus_scores([A3, B1], REFS)["bleu"] == 100.0 > first_only
-
-
-def test_flat_reference_list_is_rejected() -> None:
-    with pytest.raises(TypeError, match="one list of reference strings per hypothesis"):
-        corpus_scores([B1], [B1])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="2 hypotheses but 1"):
-        corpus_scores(["a", "b"], [["a"]])
-    with pytest.raises(ValueError, match="at least one reference"):
-        corpus_scores(["a"], [[]])
 
 
 def test_bucket_assignment() -> None:

@@ -1,5 +1,6 @@
 """Export pieces without a registry: runner normalisation, promotion rule, request limits, pins,
-and parity of the portable export on two random models (see MODELS)."""
+the search code the export ships, and parity of the portable export on two random models (see
+MODELS)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from nmt import export_runner
+import nmt
+from nmt import text
 from nmt.config import ModelConfig, SearchConfig
-from nmt.data import corpus
 from nmt.data.vocab import CharTokenizer, save_tokenizers
-from nmt.export import RUNNER_FILE, check_parity, decide_promotion, pip_requirements, write_portable
+from nmt.export import runner as export_runner
+from nmt.export.parity import check_parity
+from nmt.export.programs import RUNNER_FILE, SHIPPED_MODULES, load_runner, write_portable
+from nmt.export.pyfunc import pip_requirements
 from nmt.model import build_model
+from nmt.registry import decide_promotion
 from nmt.serving import MAX_CHARS, MAX_SENTENCES, check_request
 from nmt.translator import Translator
 
@@ -26,12 +31,12 @@ SENTENCES = ["Be nice.", "Drop it!", "Get out!", "I am here.", "Go.", "Tom ate a
              "", "Who?"]
 
 
-def test_runner_normalize_matches_corpus() -> None:
-    assert export_runner._SPACE_LIKE == corpus._SPACE_LIKE
-    assert export_runner._INVISIBLE == corpus._INVISIBLE
-    assert export_runner._WHITESPACE.pattern == corpus._WHITESPACE.pattern
-    for text in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
-        assert export_runner.normalize(text) == corpus.normalize(text)
+def test_runner_normalize_matches_text() -> None:
+    assert export_runner._SPACE_LIKE == text._SPACE_LIKE
+    assert export_runner._INVISIBLE == text._INVISIBLE
+    assert export_runner._WHITESPACE.pattern == text._WHITESPACE.pattern
+    for raw in ["Cours\u202f!\u200b  ", "e\u0301t\u00e9\u00a0?", " a\t\nb ", "x\u00ady"]:
+        assert export_runner.normalize(raw) == text.normalize(raw)
 
 
 @pytest.mark.parametrize(("new", "champion", "margin", "promote"), [
@@ -126,5 +131,21 @@ def test_portable_runner_runs_without_nmt(random_export: dict) -> None:
     lines = out.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == ["0", "0", "1", "1"]
     assert sorted(p.name for p in random_export["dir"].iterdir()) == [
-        "ATTRIBUTION.md", "decoder_step.pt2", "encoder.pt2", "runner.json", "tokenizers",
-        "translate.py"]
+        "ATTRIBUTION.md", "decoder_step.pt2", "encoder.pt2", "nmt_portable", "runner.json",
+        "tokenizers", "translate.py"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("random_export", ["gru"], indirect=True)
+def test_portable_runner_runs_the_eager_search_code(random_export: dict) -> None:
+    """The export ships `nmt.model.search` (and its helpers) unchanged, and the runner decodes
+    with that copy: one search implementation for eager and portable decoding."""
+    shipped = random_export["dir"] / export_runner.PACKAGE
+    package = Path(nmt.__file__).parent
+    assert "model/search.py" in SHIPPED_MODULES
+    for rel in SHIPPED_MODULES:
+        assert (shipped / rel).read_bytes() == (package / rel).read_bytes(), rel
+    runner = load_runner(random_export["dir"]).PortableTranslator(random_export["dir"])
+    search_file = Path(runner._search.__file__).resolve()
+    assert search_file == (shipped / "model/search.py").resolve()
+    assert not search_file.is_relative_to(package.resolve())

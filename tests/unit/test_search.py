@@ -290,3 +290,94 @@ def test_overfit_reverse_task_then_decode(name: str) -> None:
     beam = beam_search(model, src, lens, beam_size=3)
     assert [h[0] for h in greedy.tokens] == targets
     assert [h[0] for h in beam.tokens] == targets
+
+
+def _exhaustive(model: nn.Module, src: Tensor, lens: Tensor, cap: int,
+                alpha: float) -> list[tuple[list[int], float]]:
+    """Every output of one sentence (src (1, S)) up to `cap` tokens, scored like beam search
+    (sum of log probs incl. EOS / GNMT penalty; PAD, BOS and -inf tokens never generated, only
+    EOS at the cap), best first."""
+    state = model.init_state(model.encode(src, lens))
+    alive: list[tuple[list[int], float]] = [([], 0.0)]
+    prev = torch.tensor([BOS_ID])
+    finished = []
+    for t in range(cap + 1):
+        log_probs, state, _ = model.step(state, prev)
+        grown, rows, toks = [], [], []
+        for row, (prefix, score) in enumerate(alive):
+            for tok, lp in enumerate(log_probs[row].tolist()):
+                if tok in (PAD_ID, BOS_ID) or not math.isfinite(lp):
+                    continue
+                if tok == EOS_ID:
+                    finished.append((prefix, (score + lp) / ((5 + t + 1) / 6) ** alpha))
+                elif t < cap:
+                    grown.append(([*prefix, tok], score + lp))
+                    rows.append(row)
+                    toks.append(tok)
+        if not grown:
+            break
+        alive, prev = grown, torch.tensor(toks)
+        state = state.index_select(torch.tensor(rows))
+    return sorted(finished, key=lambda f: -f[1])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_beam_wider_than_the_candidate_set_returns_every_output_exactly(name: str) -> None:
+    # V = 12 leaves 10 tokens to generate (UNK, 4..11, EOS): at the first step a beam of K > 6
+    # asks for more than the 12 candidates there are (this used to raise "selected index k out
+    # of range"). With a cap of 2 tokens a sentence has 1 + 9 + 81 = 91 outputs; a beam of 100
+    # keeps them all, so its 91-best is the exhaustive list, in order.
+    model = make_lively_model(name)
+    src, lens = make_src([4, 2], seed=5)
+    result = beam_search(model, src, lens, beam_size=100, nbest=91, max_len_ratio=0.01,
+                         max_len_offset=1)
+    for b in range(2):
+        want = _exhaustive(model, src[b:b + 1], lens[b:b + 1], cap=2, alpha=0.6)
+        assert len(want) == 91
+        assert result.tokens[b] == [w[0] for w in want]
+        torch.testing.assert_close(result.scores[b], torch.tensor([w[1] for w in want]))
+    for beam in (7, 12, 64):  # every width past the first step's 12 candidates works
+        wide = beam_search(model, src, lens, beam_size=beam, max_len_ratio=0.01,
+                           max_len_offset=1)
+        assert torch.isfinite(wide.scores).all()
+        if beam >= 10:  # all 10 first-step candidates ranked within K: the exhaustive best
+            assert [h[0] for h in wide.tokens] == [h[0] for h in result.tokens]
+
+
+def test_beam_wider_than_each_sentences_shortlist() -> None:
+    # Shortlist of 7 ids (4 specials + 3 pieces), and per sentence fewer still: sentence 0 may
+    # use UNK and pieces 5 and 9, sentence 1 UNK and piece 9. Beam 8 asks for 16 candidates
+    # of 7.
+    from nmt.shortlist import ShortlistModel, output_layer
+
+    model = make_lively_model("luong-lstm")
+    src, lens = make_src([4, 3], seed=2)
+    ids = torch.tensor([0, 1, 2, 3, 5, 7, 9])
+    allowed = torch.tensor([[True] * 4 + [True, False, True], [True] * 4 + [False, False, True]])
+    wrapped = ShortlistModel(model, ids, *output_layer(model), allowed)
+    result = beam_search(wrapped, src, lens, beam_size=8, nbest=3,  # type: ignore[arg-type]
+                         max_len_ratio=0.01, max_len_offset=1)
+    for b, count in ((0, 1 + 3 + 9), (1, 1 + 2 + 4)):
+        alone = ShortlistModel(model, ids, *output_layer(model), allowed[b:b + 1])
+        want = _exhaustive(alone, src[b:b + 1], lens[b:b + 1], cap=2, alpha=0.6)
+        assert len(want) == count
+        assert result.tokens[b] == [w[0] for w in want[:3]]
+        torch.testing.assert_close(result.scores[b], torch.tensor([w[1] for w in want[:3]]))
+
+
+@pytest.mark.parametrize(("beam", "nbest"), [(0, 1), (1, 0), (1, 1), (2, 3), (3, 3), (65, 1),
+                                             (200, 200), (-1, -1)])
+def test_search_argument_rule_is_the_config_rule_without_upper_bound(beam: int,
+                                                                     nbest: int) -> None:
+    # search.py ships without nmt.config (portable export), so it keeps its own copy of the rule
+    from nmt.config import beam_problem
+
+    model = make_model()
+    src, lens = make_src([3])
+    problem = beam_problem(beam, nbest, max_beam=None)
+    if problem is None:
+        beam_search(model, src, lens, beam_size=beam, nbest=nbest, max_len_offset=1)
+    else:
+        with pytest.raises(ValueError) as info:
+            beam_search(model, src, lens, beam_size=beam, nbest=nbest)
+        assert str(info.value) == f"{problem[0]}: {problem[1]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import subprocess
 import sys
@@ -186,3 +187,27 @@ def test_kept_freed_memory_means_fewer_page_faults() -> None:
                                        capture_output=True, text=True).stdout)
               for mode in ("default", "tuned")}
     assert faults["tuned"] * 1.5 < faults["default"], faults
+
+
+def test_text_that_is_not_unicode_is_named_before_decoding(translator: Translator,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*args: object) -> None:
+        raise AssertionError("the model must not run when an input is rejected")
+
+    monkeypatch.setattr(translator.model, "encode", boom)
+    with pytest.raises(InputError, match=r"1 of 3 inputs .* sentence 2: not valid UTF-8 at "
+                                         r"character 3 \(byte 0xe9\)"):
+        translator.translate(["go.", "caf\udce9 time.", "hi"])
+    with pytest.raises(InputError, match="sentence 1"):
+        translator.source_pieces("\udcff bad")
+
+
+def test_beam_wider_than_the_target_vocabulary(translator: Translator) -> None:
+    # 37 target ids; a beam of 40 asks the first step for 80 candidates (it used to raise
+    # "selected index k out of range"). The translator puts no upper bound on the beam.
+    assert translator.trg_tok.vocab_size < 40
+    wide = translator.translate(["be nice.", "go"], beam_size=40, nbest=3)
+    assert all(len(t.hypotheses) == 3 and all(map(math.isfinite, t.scores)) for t in wide)
+    assert all(t.scores == sorted(t.scores, reverse=True) for t in wide)
+    with pytest.raises(ValueError, match=r"^beam_size: must be >= 1, got 0$"):
+        translator.translate(["x"], beam_size=0)

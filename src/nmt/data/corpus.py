@@ -1,35 +1,14 @@
-"""Parse `fra.txt` into a pairs table and normalise text.
-
-`normalize` is the single text-cleaning function: the validate stage applies it to the corpus and
-the translator applies it to user input, so training and serving cannot drift.
-"""
+"""Parse `fra.txt` into a pairs table, its fields cleaned with `nmt.text.normalize`."""
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from dataclasses import dataclass
 
 import pandas as pd
 
-# Spaces that French typography puts before ; : ! ? and inside « », plus thin spaces.
-_SPACE_LIKE = dict.fromkeys(map(ord, "\u00a0\u202f\u2009\u2007\u2002\u2003"), " ")
-# Zero-width and invisible format characters (ZWSP, ZWNJ, ZWJ, word joiner, BOM, soft hyphen).
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
-_WHITESPACE = re.compile(r"\s+")
+from nmt.text import normalize
 
 PAIR_COLUMNS = ["en", "fr", "attribution", "line"]
-
-
-def normalize(text: str) -> str:
-    """NFC, no-break/thin spaces to plain spaces, zero-width characters removed, spaces collapsed.
-
-    >>> normalize("Cours\u202f!\u200b  ")
-    'Cours !'
-    """
-    text = unicodedata.normalize("NFC", text)
-    text = text.translate(_SPACE_LIKE).translate(_INVISIBLE)
-    return _WHITESPACE.sub(" ", text).strip()
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nmt.specials import BOS_ID, EOS_ID, PAD_ID
+# relative: shipped with the portable export, outside the `nmt` package (nmt.export.programs)
+from ..specials import BOS_ID, EOS_ID, PAD_ID
 
 
 def pad_sources(seqs: Sequence[np.ndarray | Sequence[int]]) -> tuple[Tensor, Tensor]:

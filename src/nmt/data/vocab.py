@@ -16,8 +16,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal, Protocol
 
-from nmt.io import atomic_path, write_json
-from nmt.specials import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID
+# relative: shipped with the portable export, outside the `nmt` package (nmt.export.programs)
+from ..io import atomic_path, write_json
+from ..specials import BOS_ID, EOS_ID, PAD_ID, SPECIAL_PIECES, UNK_ID
 
 Side = Literal["src", "trg"]
 

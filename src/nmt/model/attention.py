@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from nmt.model.encoder import check_shapes
+from nmt.model.shapes import check_shapes
 
 AttentionKind = Literal["bahdanau", "luong_dot", "luong_general", "none"]
 

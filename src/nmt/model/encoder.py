@@ -1,4 +1,4 @@
-"""RNN encoder over packed source sequences, and the shape checks shared by the model package.
+"""RNN encoder over packed source sequences.
 
 The encoder embeds the source, runs a (bi)directional LSTM or GRU over it with
 `pack_padded_sequence`, so padding costs no work and never leaks into the backward direction,
@@ -16,35 +16,6 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from nmt.specials import PAD_ID
 
 RnnKind = Literal["lstm", "gru"]
-
-
-def check_shapes(*specs: tuple[str, Tensor, str], dims: dict[str, int] | None = None) -> None:
-    """Check tensor shapes against symbolic specs; raise ValueError naming the argument.
-
-    Each spec is `(name, tensor, "B S")`: axis names bind to sizes on first use (or come from
-    `dims`), digits are fixed sizes. Skipped while torch.export / torch.compile traces, so the
-    checks add no guards to an exported graph.
-    """
-    if torch.compiler.is_compiling():
-        return
-    bound = dict(dims or {})
-    for name, tensor, spec in specs:
-        axes = spec.split()
-        actual = tuple(tensor.shape)
-        known = dict(bound)  # sizes fixed by earlier arguments, for the message
-        ok = len(axes) == len(actual)
-        for axis, size in zip(axes, actual, strict=False) if ok else ():
-            want = int(axis) if axis.isdigit() else bound.setdefault(axis, size)
-            ok = ok and size == want
-        if not ok:
-            expected = ", ".join(f"{a}={known[a]}" if a in known else a for a in axes)
-            raise ValueError(f"{name}: expected shape ({expected}), got {actual}")
-
-
-def check_dtype(name: str, tensor: Tensor, dtype: torch.dtype) -> None:
-    """Raise ValueError naming the argument when `tensor` does not have `dtype`."""
-    if tensor.dtype != dtype:
-        raise ValueError(f"{name}: expected dtype {dtype}, got {tensor.dtype}")
 
 
 def make_rnn(kind: RnnKind, input_size: int, hidden: int, layers: int, dropout: float,

@@ -1,4 +1,4 @@
-"""Batched greedy and beam search over `Seq2Seq.step`.
+"""Batched greedy and beam search over a step model (`Seq2Seq.step`, or the exported programs).
 
 The whole batch (x beam) lives in tensors: one `step` call per output position advances every
 hypothesis of every sentence; there is no per-sentence Python loop until the final conversion
@@ -13,7 +13,9 @@ Rules shared by both searches:
   score by the GNMT length penalty ((5 + n) / 6) ** alpha with n = generated tokens incl. EOS.
 - `hit_max_len` marks sentences whose best output has the maximum allowed length.
 
-Beam stopping rule: each step takes the top 2K of the K * V continuations. An EOS candidate
+Beam stopping rule: each step takes the top 2K of the K * V continuations (any K works: when
+there are fewer than 2K, e.g. K * V at the first step where K = 1, or a short shortlist, the
+missing places score -inf and are never finished or kept ahead of a real one). An EOS candidate
 ranked within the top K finishes a hypothesis (into a pool of the K best finished ones, by
 normalised score); the K best non-EOS candidates stay alive, so the beam never shrinks. A
 sentence is done when its pool holds the `nbest` hypotheses to return and the last of them is
@@ -30,6 +32,13 @@ Work: a sentence leaves the batch as soon as it is done (greedy: at its EOS), so
 only the sentences still decoding; beam search runs its first step on one row per sentence.
 This halves the rows the decoder runs on the test split and changes no result beyond the last
 bits of the matrix products (which depend on the batch size).
+
+Dependencies: torch and `nmt.specials` only, imported relatively, because the export stage ships
+this file unchanged beside its programs (`nmt.export.programs.write_search_code`) and the portable
+runner drives it with the exported encoder and decoder-step programs: eager decoding and the
+export run the same search. A model is anything with the `StepModel` protocol (encode,
+init_state, step) whose state has the `SearchState` protocol (row selection); a new architecture
+needs only those, not a search of its own.
 """
 
 from __future__ import annotations
@@ -37,15 +46,54 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Protocol, Self
 
 import torch
 from torch import Tensor, nn
 
-from nmt.model.decoder import DecoderState
-from nmt.model.seq2seq import Seq2Seq
-from nmt.specials import BOS_ID, EOS_ID, PAD_ID
+# relative: this file is shipped with the portable export, outside the `nmt` package
+from ..specials import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------- step protocol
+class SearchState(Protocol):
+    """Decoder state of N rows (`nmt.model.decoder.DecoderState` is one).
+
+    mask: (N, S) bool, True on real source tokens (gives S and the device).
+    enc_out: (N, S, H_enc) encoder outputs (gives the float dtype of scores and attention).
+    """
+
+    @property
+    def mask(self) -> Tensor: ...
+
+    @property
+    def enc_out(self) -> Tensor: ...
+
+    def index_select(self, idx: Tensor) -> Self:
+        """Rows `idx` (M,) of every field (beam expansion, dropping finished sentences)."""
+        ...
+
+    def reorder(self, idx: Tensor) -> Self:
+        """Rows `idx` (M,) where row idx[i] has the same source as row i (beam reordering)."""
+        ...
+
+
+class StepModel(Protocol):
+    """What the search calls (`Seq2Seq`, `nmt.shortlist.ShortlistModel`, the export's runner)."""
+
+    def encode(self, src: Tensor, src_lengths: Tensor) -> Any:
+        """Encoder output for src (B, S) long with src_lengths (B,) long."""
+        ...
+
+    def init_state(self, encoder_output: Any) -> SearchState:
+        """Initial decoder state, one row per sentence."""
+        ...
+
+    def step(self, state: Any, prev_tokens: Tensor) -> tuple[Tensor, Any, Tensor]:
+        """prev_tokens (N,) -> log_probs (N, V), the new state, attention weights (N, S)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -76,7 +124,7 @@ def gnmt_length_penalty(lengths: Tensor | int, alpha: float) -> Tensor | float:
 
 
 @torch.inference_mode()
-def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_ratio: float = 1.5,
+def greedy_search(model: StepModel, src: Tensor, src_lengths: Tensor, max_len_ratio: float = 1.5,
                   max_len_offset: int = 10) -> SearchResult:
     """Batched greedy decoding.
 
@@ -98,7 +146,7 @@ def greedy_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, max_len_rati
     return SearchResult(out, scores[:, None], attention, (gen_len - 1) == max_len)
 
 
-def _greedy_loop(model: Seq2Seq, state: DecoderState,
+def _greedy_loop(model: StepModel, state: SearchState,
                  max_len: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Argmax decoding; returns tokens (B, T) incl. EOS then PAD, scores (B,), attn (B, T, S).
 
@@ -184,7 +232,7 @@ class _Beams:
 
 
 @torch.inference_mode()
-def beam_search(model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam_size: int = 5,
+def beam_search(model: StepModel, src: Tensor, src_lengths: Tensor, beam_size: int = 5,
                 length_penalty: float = 0.6, max_len_ratio: float = 1.5, max_len_offset: int = 10,
                 nbest: int = 1) -> SearchResult:
     """Batched beam search with GNMT length penalty (stopping rule in the module docstring).
@@ -245,7 +293,7 @@ def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_le
     at_cap = (max_len == t).repeat_interleave(prev_beam)  # (A * k,)
     log_probs = _constrain_(log_probs, at_cap).view(batch, prev_beam, vocab)
     cand = log_probs.add_(beams.scores[:, :, None]).view(batch, prev_beam * vocab)
-    top_scores, top_idx = cand.topk(2 * beam, dim=1)  # (A, 2K), sorted descending
+    top_scores, top_idx = _top_candidates(cand, 2 * beam)  # (A, 2K), sorted descending
     origin = top_idx // vocab + torch.arange(batch, device=cand.device)[:, None] * prev_beam
     tok = top_idx % vocab
     is_eos = tok == EOS_ID
@@ -262,6 +310,22 @@ def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_le
     best_possible = alive_scores.max(dim=1).values / gnmt_length_penalty(max_len + 1, alpha)
     beams.done |= (beams.pool.scores[:, nbest - 1] >= best_possible) | (max_len == t)
     return rows, tok.view(-1)
+
+
+def _top_candidates(cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`cand.topk(k, dim=1)` (A, k), also when cand (A, C) has fewer than k columns.
+
+    A beam wider than the candidate set (k alive hypotheses x V tokens, V the vocabulary or a
+    short shortlist; at the first step k = 1) leaves places empty: they get score -inf and
+    index 0 (the sentence's first row, token PAD). Such a candidate is never finished (only
+    finite scores are) and its -inf score keeps every continuation of it last.
+    """
+    if cand.size(1) >= k:
+        return cand.topk(k, dim=1)
+    scores, idx = cand.topk(cand.size(1), dim=1)
+    missing = k - cand.size(1)
+    return (torch.cat([scores, scores.new_full((scores.size(0), missing), NEG_INF)], dim=1),
+            torch.cat([idx, idx.new_zeros(idx.size(0), missing)], dim=1))
 
 
 def _finish_hypotheses(beams: _Beams, scores: Tensor, rows: Tensor, is_eos: Tensor,
@@ -295,8 +359,8 @@ def _beam_finish(pool: _Pool, src_lengths: Tensor, max_len: Tensor,
                         (lengths[:, 0] - 1) == max_len)
 
 
-def _start(model: Seq2Seq, src: Tensor, src_lengths: Tensor, ratio: float,
-           offset: int) -> tuple[DecoderState, Tensor]:
+def _start(model: StepModel, src: Tensor, src_lengths: Tensor, ratio: float,
+           offset: int) -> tuple[SearchState, Tensor]:
     """Encode, build the initial state (one row per sentence), compute length caps."""
     state = model.init_state(model.encode(src, src_lengths))
     return state, max_output_lengths(src_lengths, ratio, offset).to(src.device)
@@ -333,6 +397,8 @@ def _trim_attention(attn: Tensor, gen_len: Tensor, src_lengths: Tensor) -> list[
 
 def _check_args(*, beam_size: int, nbest: int, length_penalty: float, max_len_ratio: float,
                 max_len_offset: int) -> None:
+    # The rule of nmt.config.beam_problem without an upper bound (any width works here); this
+    # file is shipped without nmt.config, and a test keeps the two in step.
     checks = [
         (beam_size >= 1, "beam_size", f"must be >= 1, got {beam_size}"),
         (1 <= nbest <= beam_size, "nbest", f"must be in [1, beam_size={beam_size}], got {nbest}"),
@@ -346,8 +412,11 @@ def _check_args(*, beam_size: int, nbest: int, length_penalty: float, max_len_ra
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode (no dropout), restoring the previous mode afterwards."""
+def _eval_mode(model: StepModel) -> Iterator[None]:
+    """Run an `nn.Module` in eval mode (no dropout), restoring its mode afterwards."""
+    if not isinstance(model, nn.Module):  # e.g. exported programs: no training mode to switch
+        yield
+        return
     was_training = model.training
     model.eval()
     try:

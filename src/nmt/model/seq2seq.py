@@ -6,7 +6,8 @@ import torch
 from torch import Tensor, nn
 
 from nmt.model.decoder import Decoder, DecoderState
-from nmt.model.encoder import Encoder, EncoderOutput, check_dtype, check_shapes
+from nmt.model.encoder import Encoder, EncoderOutput
+from nmt.model.shapes import check_dtype, check_shapes
 
 
 class Seq2Seq(nn.Module):
