@@ -115,7 +115,8 @@ def test_a_stage_failing_on_params_or_environment_keeps_earlier_outputs(
     dvc = [sys.executable, "-m", "dvc"]
     _run([*dvc, "repro"], root, env)
     kept = ["models/run.json", "models/model.pt", "reports/train/metrics.json",
-            "reports/train/history.csv", "reports/train/samples.md", "data/raw/fra-eng.zip",
+            "reports/train/history.csv", "reports/train/samples.md", "reports/train/steps.csv",
+            "data/raw/fra-eng.zip",
             "data/raw/fra-eng.zip.sha256", "reports/evaluate/metrics.json"]
     before = {rel: (root / rel).read_bytes() for rel in kept}
     good = (root / "params.yaml").read_text()
