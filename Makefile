@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install repro test lint ui bench clean-venv
+.PHONY: install repro test lint ui bench clean-venv system-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,10 +18,26 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# `nmt params` first: a mistake in params.yaml stops here, before DVC deletes any stage's outputs
+# (dvc.yaml's check_params stage does the same for a bare `dvc repro`).
 repro: install
+	nmt params > /dev/null
 	dvc repro
 
-test: install
+# System requirements of some tests (README, Quickstart). Missing ones: their tests skip, naming
+# the install command; with CI set they fail (.ci/run installs them).
+PG_FOUND = $(shell command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && echo yes)
+system-check:
+	@missing=""; \
+	[ -n "$(PG_FOUND)" ] || [ -n "$$TEAM_PG_BIN" ] || missing="$$missing postgresql"; \
+	[ -x "$${NMT_CHROMIUM:-/usr/bin/chromium}" ] || missing="$$missing chromium"; \
+	[ -x "$${NMT_CHROMEDRIVER:-/usr/bin/chromedriver}" ] || missing="$$missing chromium-driver"; \
+	if [ -n "$$missing" ]; then \
+	  echo "make test: not installed:$$missing; the tests needing them will skip."; \
+	  echo "  install: sudo apt-get install -y$$missing"; \
+	fi
+
+test: install system-check
 	python -m pytest $(PYTEST_ARGS)
 
 lint: install

@@ -10,30 +10,25 @@ import logging
 import sys
 from pathlib import Path
 
-from nmt.config import load_params
+from nmt.config import Params
 from nmt.data.download import DownloadError, fetch_corpus
+from nmt.stage import run_stage, stage_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[1]  # `download.bundled` is relative to this
+log = logging.getLogger("download")
+
+
+def _run(args: argparse.Namespace, params: Params) -> int:
+    result = fetch_corpus(params.download, args.out, REPO_ROOT)
+    log.info("%s: %d bytes from %s, sha256 %s", result.path, result.bytes, result.source,
+             result.sha256)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--profile", type=Path, default=None, help="YAML overrides (optional)")
-    parser.add_argument("--out", type=Path, required=True)  # outs: data/raw/fra-eng.zip
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("download")
-    params = load_params(args.params, args.profile)
-    try:
-        result = fetch_corpus(params.download, args.out, REPO_ROOT)
-    except DownloadError as exc:
-        log.error("download failed: %s", exc)
-        return 1
-    log.info(
-        "%s: %d bytes from %s, sha256 %s", result.path, result.bytes, result.source, result.sha256
-    )
-    return 0
+    parser = stage_parser(__doc__)
+    parser.add_argument("--out", type=Path, required=True)  # outs
+    return run_stage("download", parser, argv, _run, expected=(DownloadError,))
 
 
 if __name__ == "__main__":

@@ -7,25 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
-from nmt.config import ConfigError, load_params
+from nmt.config import Params
 from nmt.shortlist import write_shortlist
+from nmt.stage import run_stage, stage_parser
 
 log = logging.getLogger("shortlist")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--profile", type=Path, default=None, help="params overrides file")
-    parser.add_argument("--processed", type=Path, required=True)  # deps
-    parser.add_argument("--out", type=Path, required=True)  # outs
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params, args.profile)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 1
+def _run(args: argparse.Namespace, params: Params) -> int:
     cfg = params.shortlist
     shortlist = write_shortlist(args.processed, args.out, cfg.top_k, cfg.frequent)
     if not shortlist.enabled:
@@ -35,6 +24,13 @@ def main(argv: list[str] | None = None) -> int:
              args.out, cfg.top_k, shortlist.src_vocab_size, len(shortlist.targets),
              len(shortlist.always))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--processed", type=Path, required=True)  # deps
+    parser.add_argument("--out", type=Path, required=True)  # outs
+    return run_stage("shortlist", parser, argv, _run)
 
 
 if __name__ == "__main__":

@@ -7,31 +7,27 @@ import logging
 import sys
 from pathlib import Path
 
-from nmt.config import ConfigError, load_params
+from nmt.config import Params
 from nmt.data.vectorize import vectorize
+from nmt.stage import run_stage, stage_parser
 
 log = logging.getLogger("vectorize")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--profile", type=Path, default=None, help="params overrides file")
-    parser.add_argument("--pairs", type=Path, required=True)  # deps
-    parser.add_argument("--out-dir", type=Path, required=True)  # outs
-    parser.add_argument("--stats", type=Path, required=True)  # metrics
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        params = load_params(args.params, args.profile)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 1
+def _run(args: argparse.Namespace, params: Params) -> int:
     stats = vectorize(args.pairs, args.out_dir, args.stats, params.vectorize, seed=params.seed)
     log.info("pairs train/valid/test: %s; vocab src/trg: %d/%d",
              "/".join(str(stats[s]["pairs"]) for s in ("train", "valid", "test")),
              stats["src_vocab_size"], stats["trg_vocab_size"])
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--pairs", type=Path, required=True)  # deps
+    parser.add_argument("--out-dir", type=Path, required=True)  # outs
+    parser.add_argument("--stats", type=Path, required=True)  # outs (statistics)
+    return run_stage("vectorize", parser, argv, _run)
 
 
 if __name__ == "__main__":

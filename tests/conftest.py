@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -34,6 +35,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "model" in item.keywords and not config.getoption("--model-dir"):
             item.add_marker(skip_model)
+
+
+def require_system(missing: str | None, install: str) -> None:
+    """Skip a test whose system requirement is `missing`, or fail it when `CI` is set.
+
+    Args:
+        missing: what is not there (e.g. "PostgreSQL server binaries (initdb, pg_ctl)"), or None.
+        install: the command that installs it (the README's quick start lists them all).
+    """
+    if missing is None:
+        return
+    reason = f"{missing} not found; install with: {install} (README, Quickstart)"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI is set, so this must run: {reason}")
+    pytest.skip(reason)
 
 
 def tiny_raw(**overrides: object) -> dict:

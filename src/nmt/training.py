@@ -43,7 +43,6 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import nmt
 from nmt import tracking
 from nmt.checkpoint import (
     CHECKPOINTS_DIR,
@@ -60,6 +59,7 @@ from nmt.io import write_json, write_text
 from nmt.lit_module import BleuProbe, NonFiniteLossError, Seq2SeqModule
 from nmt.precision import resolve_precision
 from nmt.progress import STEPS_FILE, TrainProgress
+from nmt.sources import package_imports
 from nmt.tracking import RunRef, TrackingError
 
 __all__ = ["NonFiniteLossError", "TrackingError", "TrainResult", "check_runtime", "train"]
@@ -70,8 +70,6 @@ STATE_FILE = "state.json"
 LAST_CKPT = "last.ckpt"
 HISTORY_KEYS = ("val/loss", "val/ppl", "val/bleu", "train/loss", "train/lr")
 SIGTERM_EXIT = 128 + signal.SIGTERM
-# code whose change makes an unfinished checkpoint stale (besides nmt/model/): what it computes
-NUMERIC_SOURCES = ("config.py", "specials.py", "data/datamodule.py", "lit_module.py")
 
 
 @dataclass(frozen=True)
@@ -120,8 +118,9 @@ def fingerprint(params: Params, processed_dir: Path) -> str:
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     files = [p for p in sorted(Path(processed_dir).rglob("*")) if p.is_file()
              and (p.name.startswith(("train.", "valid.")) or p.parent.name == TOKENIZERS_DIR)]
-    package = Path(nmt.__file__).parent
-    files += sorted(package.glob("model/*.py")) + [package / name for name in NUMERIC_SOURCES]
+    # code whose change makes an unfinished checkpoint stale: this module and every nmt module it
+    # imports, found the way tests/unit/test_dvc_deps.py checks the train stage's dvc.yaml deps
+    files += package_imports(Path(__file__))
     for path in files:
         digest.update(path.name.encode())
         digest.update(hashlib.md5(path.read_bytes()).digest())

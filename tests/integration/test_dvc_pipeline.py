@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, TINY_PROFILE, copy_project, run, write_params
+from conftest import REPO, TINY_PROFILE, copy_project, free_port, run, write_params
 from nmt.config import merge, read_yaml
 
 COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", ".dvcignore"]
@@ -105,3 +105,54 @@ def test_temp_experiment_tracks_into_the_main_repos_default_store(
     assert run.info.artifact_uri.startswith((root / "mlruns").resolve().as_uri())
     assert client.list_artifacts(run.info.run_id), "the run's artifacts were not kept"
     assert not list((root / ".dvc" / "tmp").rglob("mlflow.db"))
+
+
+def test_a_stage_failing_on_params_or_environment_keeps_earlier_outputs(
+        project: tuple[Path, dict[str, str]]) -> None:
+    """DVC deletes a stage's outputs before running it: bad params must stop `dvc repro` before
+    that (check_params), and a stage failing on its environment keeps its persisted outputs."""
+    root, env = project
+    dvc = [sys.executable, "-m", "dvc"]
+    _run([*dvc, "repro"], root, env)
+    kept = ["models/run.json", "models/model.pt", "reports/train/metrics.json",
+            "reports/train/history.csv", "reports/train/samples.md", "reports/train/steps.csv",
+            "data/raw/fra-eng.zip",
+            "data/raw/fra-eng.zip.sha256", "reports/evaluate/metrics.json"]
+    before = {rel: (root / rel).read_bytes() for rel in kept}
+    good = (root / "params.yaml").read_text()
+
+    def repro_fails(*args: str, env: dict[str, str] = env) -> str:
+        proc = run([*dvc, "repro", *args], root, env, ok=False)
+        assert proc.returncode != 0, proc.stdout[-2000:]
+        assert "Traceback" not in proc.stdout + proc.stderr
+        for rel in kept:
+            assert (root / rel).is_file(), f"{rel} was deleted"
+            assert (root / rel).read_bytes() == before[rel], f"{rel} was changed"
+        return proc.stdout + proc.stderr
+
+    try:
+        raw = yaml.safe_load(good)
+        raw["train"]["lr"] = "1e-3"  # what YAML makes of `lr: 1e-3`
+        write_params(root / "params.yaml", raw)
+        out = repro_fails()
+        assert "train.lr: expected float, got str '1e-3'" in out
+        assert "Running stage 'train'" not in out
+
+        (root / "params.yaml").write_text(good)
+        uri = f"http://127.0.0.1:{free_port()}"
+        out = repro_fails("-f", "--single-item", "train",
+                          env=dict(env, MLFLOW_TRACKING_URI=uri))
+        assert f"MLflow tracking server {uri} did not answer" in out
+
+        raw = yaml.safe_load(good)
+        raw["download"]["max_uncompressed_bytes"] = 1000  # the archive is refused
+        write_params(root / "params.yaml", raw)
+        out = repro_fails()
+        assert "data/raw/fra-eng.zip left as it was" in out
+    finally:
+        (root / "params.yaml").write_text(good)
+    # check_params recorded the valid-but-refused download value; only it reruns (same output)
+    out = _run([*dvc, "repro"], root, env)
+    assert [line for line in out.splitlines() if line.startswith("Running stage")] == [
+        "Running stage 'check_params':"]
+    assert "up to date" in _run([*dvc, "status"], root, env)

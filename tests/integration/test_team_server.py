@@ -28,10 +28,11 @@ from types import ModuleType
 
 import pytest
 
-from conftest import REPO, free_port, tiny_raw, write_params
+from conftest import REPO, free_port, require_system, tiny_raw, write_params
 
 SCRIPT = REPO / "scripts" / "team_tracking.py"
 START_TIMEOUT_S = 240  # bound on `start` (first start creates ~60 tables; cores are shared)
+POSTGRES_INSTALL = "sudo apt-get install -y postgresql"
 
 
 def load_script() -> ModuleType:
@@ -72,12 +73,27 @@ def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 _SHARED: dict[str, TeamServer | str] = {}
 
 
+def missing_postgres() -> str | None:
+    """None when the script finds PostgreSQL's server binaries (as `start` does), else what."""
+    if os.environ.get("TEAM_BACKEND_STORE_URI"):
+        return None  # a managed database: no local PostgreSQL
+    script = load_script()
+    for name in ("initdb", "pg_ctl", "postgres"):
+        try:
+            script.pg_bin(name)
+        except script.TeamError:
+            return (f"PostgreSQL's `{name}` (searched: TEAM_PG_BIN, PATH, "
+                    "/usr/lib/postgresql/*/bin)")
+    return None
+
+
 def shared_team_server(config: pytest.Config) -> TeamServer:
     """Start the session's server once (stopped and removed by a session cleanup)."""
     if "error" in _SHARED:
         pytest.fail(f"team server did not start earlier in this session:\n{_SHARED['error']}")
     if "server" in _SHARED:
         return _SHARED["server"]  # type: ignore[return-value]
+    require_system(missing_postgres(), POSTGRES_INSTALL)
     # /tmp, not tmp_path: PostgreSQL runs as `postgres` and must traverse every parent folder.
     state = Path(tempfile.mkdtemp(prefix="nmt-team-"))
     state.chmod(0o755)
