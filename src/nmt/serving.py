@@ -114,10 +114,8 @@ def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Pa
                  CONFIG: str(folder / "serving.json"), TOKENIZERS: str(folder / "tokenizers"),
                  ATTRIBUTION: str(folder / "ATTRIBUTION.md")}
     if shortlist is not None:
-        from nmt.shortlist import SHORTLIST_FILE
-
-        shortlist.save(folder / SHORTLIST_FILE)
-        artifacts[SHORTLIST] = str(folder / SHORTLIST_FILE)
+        shortlist.save(folder / "shortlist.npz")
+        artifacts[SHORTLIST] = str(folder / "shortlist.npz")
     return artifacts
 
 
@@ -260,10 +258,12 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False,
     Raises ModelNotFoundError naming the command that creates the missing model.
     """
     if not is_model_uri(ref):
+        from nmt.checkpoint import ModelDir  # torch: import late
+
         path = Path(ref)
         if (path / "MLmodel").is_file():
             return _pyfunc_translate(_load_pyfunc(str(path), int8, full_vocab))
-        if (path / "model.pt").is_file():
+        if ModelDir(path).has_model():
             return _local_translate(path, int8, full_vocab)
         raise ModelNotFoundError(f"no model folder at {path}: create one with `dvc repro train` "
                                  "(or `dvc repro` for the whole pipeline)")
