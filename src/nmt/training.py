@@ -17,6 +17,11 @@ KILLED (SIGTERM stops at the end of the current batch), other exceptions as FAIL
 
 Progress: a line every `log_every_steps` (a bar too on a terminal) and the per-step history
 `reports/train/steps.csv`, see `nmt.progress`. Precision: `nmt.precision.resolve_precision`.
+
+Size: one module past the ~300-line guideline on purpose: trainer construction, the resume
+state and the hand-off of the run and the model folder (`nmt.checkpoint.ModelDir`) share one
+`train` call's run, fingerprint and failure handling; the resume fingerprint also hashes this
+module's imports (`package_imports(__file__)`), which a split would have to thread through.
 """
 
 from __future__ import annotations
