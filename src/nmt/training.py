@@ -150,7 +150,7 @@ def _resume_point(folder: ModelDir, fp: str, is_zero: bool
 
 def _write_state(folder: ModelDir, fp: str, ref: RunRef | None, completed: bool) -> None:
     write_json(folder.state_file, {"fingerprint": fp, "completed": completed,
-                                       "run": asdict(ref) if ref else None})
+                                   "run": asdict(ref) if ref else None})
 
 
 # --------------------------------------------------------------------------------- callbacks
