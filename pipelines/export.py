@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from nmt.checkpoint import RUN_FILE, ModelFileError
+from nmt.checkpoint import ModelDir, ModelFileError
 from nmt.config import Params
 from nmt.export import ExportError, export
 from nmt.registry import RegistryError
@@ -24,9 +24,9 @@ log = logging.getLogger("export")
 
 
 def _run(args: argparse.Namespace, params: Params) -> int:
-    run_json = args.model_dir / RUN_FILE
-    if run_json.is_file():  # a broken store fails here, naming its file, not in sqlalchemy
-        check_reachable(read_run_json(run_json).tracking_uri)
+    folder = ModelDir(args.model_dir)
+    if folder.has_run():  # a broken store fails here, naming its file, not in sqlalchemy
+        check_reachable(read_run_json(folder.run_file).tracking_uri)
     result = export(params, args.model_dir, args.eval_metrics, args.test_data, args.out_dir,
                     args.reports, args.attribution)
     p = result.promotion

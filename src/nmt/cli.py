@@ -2,6 +2,8 @@
 
 Each subcommand is a plain function taking parsed arguments and returning an exit code, so tests
 call them directly. `EXAMPLES` is what `nmt --help` shows users.
+
+Size: about 300 lines, one function per subcommand plus the argument tree they share.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def resolve_model(model: str | None, params: Path | None) -> tuple[str, str]:
         ConfigError: the params file is missing or invalid.
         UsageError: nothing says which model to use, or a URI needs a store nobody named.
     """
-    from nmt.serving import is_model_uri
+    from nmt.model_ref import is_model_uri
     from nmt.tracking import ENV_URI, resolve_tracking_uri
 
     path = _params_path(params)
@@ -167,7 +169,7 @@ def _chunks(items: Iterable[tuple[str | None, str | None]],
 
 def cmd_translate(args: argparse.Namespace) -> int:
     """Translate arguments or stdin lines, streamed in chunks; bad lines reported and skipped."""
-    from nmt.serving import ModelNotFoundError, open_translator  # torch/mlflow: import late
+    from nmt.model_ref import ModelNotFoundError, open_translator  # torch/mlflow: import late
     from nmt.tracking import TrackingError
 
     if args.beam is not None:  # before reading stdin or loading anything
@@ -229,8 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model over HTTP (MLflow's scoring API behind `nmt.rest.RequestGuard`)."""
     from mlflow.exceptions import MlflowException
 
+    from nmt.model_ref import ModelNotFoundError, is_model_uri
     from nmt.rest import serve
-    from nmt.serving import ModelNotFoundError, is_model_uri
 
     try:
         model, uri = resolve_model(args.model, args.params)

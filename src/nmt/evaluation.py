@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nmt.checkpoint import RUN_FILE
+from nmt.checkpoint import ModelDir
 from nmt.config import EvaluateConfig
 from nmt.data.vectorize import load_split
 from nmt.io import atomic_dir, write_json, write_text
@@ -197,7 +197,7 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
     tracking.TrackingError (store unreachable) before anything is decoded.
     """
     model_dir, reports_dir = Path(model_dir), Path(reports_dir)
-    run_json = model_dir / RUN_FILE
+    run_json = ModelDir(model_dir).run_file
     base = Translator.from_model_dir(model_dir, device=device)
     if not run_json.is_file():
         raise FileNotFoundError(f"{run_json} not found: the model folder has no MLflow run "

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc translator (models-from-code) and what the CLI needs to use a model.
+"""The MLflow pyfunc translator (models-from-code) and its request contract.
 
 The logged model holds no pickle: `model_code()` is the models-from-code file (it only calls
 `set_model(TranslatorModel())`), the `nmt` package travels in `code/`, and `load_context` reads
@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -114,10 +113,8 @@ def write_artifacts(folder: Path, model: Any, model_cfg: Any, tokenizers_dir: Pa
                  CONFIG: str(folder / "serving.json"), TOKENIZERS: str(folder / "tokenizers"),
                  ATTRIBUTION: str(folder / "ATTRIBUTION.md")}
     if shortlist is not None:
-        from nmt.shortlist import SHORTLIST_FILE
-
-        shortlist.save(folder / SHORTLIST_FILE)
-        artifacts[SHORTLIST] = str(folder / SHORTLIST_FILE)
+        shortlist.save(folder / "shortlist.npz")
+        artifacts[SHORTLIST] = str(folder / "shortlist.npz")
     return artifacts
 
 
@@ -234,115 +231,3 @@ def to_output(result: Any) -> TranslationOutput:
         translation=result.text, score=result.scores[0], truncated=result.truncated,
         nbest=[Hypothesis(translation=h, score=s)
                for h, s in zip(result.hypotheses, result.scores, strict=True) if math.isfinite(s)])
-
-
-# ------------------------------------------------------------------------- CLI model loading
-class ModelNotFoundError(LookupError):
-    """The model reference points at nothing; the message says which command creates it."""
-
-
-# (sentences, beam_size, nbest, batch_size) -> one output per sentence; None = model default
-TranslateFn = Callable[[list[str], int | None, int | None, int | None], list[TranslationOutput]]
-
-
-def is_model_uri(ref: str) -> bool:
-    """`models:/...`, `runs:/...` or any scheme://... (anything else is a local path)."""
-    return ref.startswith(("models:/", "runs:/")) or "://" in ref
-
-
-def open_translator(ref: str, tracking_uri: str, int8: bool = False,
-                    full_vocab: bool = False) -> TranslateFn:
-    """A translate function for a local model dir, a local pyfunc dir or an MLflow model URI.
-
-    Local train-stage folders (`model.pt`) use `Translator` directly; everything else is loaded
-    as the pyfunc. Empty sentences translate to "" without reaching the model. int8: decode with
-    an int8 copy of the model (CPU only). full_vocab: ignore the model's lexical shortlist.
-    Raises ModelNotFoundError naming the command that creates the missing model.
-    """
-    if not is_model_uri(ref):
-        path = Path(ref)
-        if (path / "MLmodel").is_file():
-            return _pyfunc_translate(_load_pyfunc(str(path), int8, full_vocab))
-        if (path / "model.pt").is_file():
-            return _local_translate(path, int8, full_vocab)
-        raise ModelNotFoundError(f"no model folder at {path}: create one with `dvc repro train` "
-                                 "(or `dvc repro` for the whole pipeline)")
-    _check_store(tracking_uri)
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    if ref.startswith("models:/") and "@" in ref:
-        name, alias = ref.removeprefix("models:/").split("@", 1)
-        try:
-            mlflow.MlflowClient(tracking_uri).get_model_version_by_alias(name, alias)
-        except MlflowException as exc:
-            raise ModelNotFoundError(
-                f"no version of registered model {name!r} has alias {alias!r} in {tracking_uri}: "
-                "create one with `dvc repro export` (or `dvc repro` for the whole pipeline)"
-            ) from exc
-    return _pyfunc_translate(_load_pyfunc(ref, int8, full_vocab))
-
-
-def _check_store(tracking_uri: str) -> None:
-    """Refuse a SQLite store that does not exist (MLflow would create an empty one) or that is
-    not a readable SQLite file (TrackingError)."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.is_file():
-            raise ModelNotFoundError(f"no MLflow store at {db}: run `dvc repro` (train ... "
-                                     "export) first, or set MLFLOW_TRACKING_URI")
-        from nmt.tracking import check_sqlite_store
-
-        check_sqlite_store(db)  # TrackingError naming a corrupt file
-
-
-def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:
-    import mlflow
-
-    try:
-        model = mlflow.pyfunc.load_model(ref)
-    except (MlflowException, OSError) as exc:
-        raise ModelNotFoundError(f"cannot load {ref}: {exc}; `dvc repro export` registers the "
-                                 "project's model") from exc
-    python_model = model.unwrap_python_model()
-    if full_vocab:
-        python_model.translator = python_model.translator.without_shortlist()
-    if int8:
-        python_model.translator.to_int8()
-    return model
-
-
-def _local_translate(model_dir: Path, int8: bool, full_vocab: bool) -> TranslateFn:
-    from nmt.translator import Translator
-
-    translator = Translator.from_model_dir(model_dir, int8=int8, shortlist=not full_vocab)
-
-    def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
-                  batch_size: int | None) -> list[TranslationOutput]:
-        return [to_output(r) for r in translator.translate(sentences, beam_size, nbest,
-                                                           batch_size)]
-
-    return translate
-
-
-def _pyfunc_translate(model: Any) -> TranslateFn:
-    def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
-                  batch_size: int | None) -> list[TranslationOutput]:
-        params = {k: v for k, v in (("beam_size", beam_size), ("nbest", nbest),
-                                    ("batch_size", batch_size)) if v is not None}
-        keep = [i for i, s in enumerate(sentences) if s.strip()]
-        n = nbest or 1
-        out = [TranslationOutput(translation="", score=0.0, truncated=False,
-                                 nbest=[Hypothesis(translation="", score=0.0)] * n)
-               for _ in sentences]
-        if keep:
-            try:
-                results = model.predict([sentences[i] for i in keep], params=params)
-            except MlflowException as exc:  # a request outside the contract
-                raise ValueError(exc.message) from exc
-            for i, r in zip(keep, results, strict=True):
-                out[i] = TranslationOutput.model_validate(
-                    r.model_dump() if hasattr(r, "model_dump") else r)
-        return out
-
-    return translate

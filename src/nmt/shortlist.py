@@ -16,7 +16,8 @@ shortlist: token ids in and out of `step` are positions in the sorted shortlist,
 four entries are the specials (so PAD/UNK/BOS/EOS keep their ids and the search needs no
 change); `to_vocabulary` maps results back.
 
-    models/shortlist.npz   offsets (V_src + 1,), targets, always, top_k, frequent, vocab sizes
+The file (`ModelDir.shortlist_file`, models/shortlist.npz) holds offsets (V_src + 1,), targets,
+always, top_k, frequent and the vocab sizes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from nmt.model import SearchResult, Seq2Seq, Transformer
 from nmt.model.search import SearchState
 from nmt.specials import SPECIAL_PIECES
 
-SHORTLIST_FILE = "shortlist.npz"
 NUM_SPECIALS = len(SPECIAL_PIECES)  # ids 0..3: PAD, UNK, BOS, EOS
 _FIELDS = ("offsets", "targets", "always", "top_k", "frequent", "src_vocab_size",
            "trg_vocab_size")
@@ -100,12 +100,6 @@ class Shortlist:
             np.savez(fh, **arrays)
 
     @classmethod
-    def in_model_dir(cls, model_dir: Path | str) -> Shortlist | None:
-        """The `SHORTLIST_FILE` of a model folder, or None when it has none."""
-        path = Path(model_dir) / SHORTLIST_FILE
-        return cls.load(path) if path.exists() else None
-
-    @classmethod
     def load(cls, path: Path | str) -> Shortlist:
         """Read a file written by `save`; ShortlistError naming the file if it is not one."""
         try:
@@ -163,11 +157,11 @@ def build_shortlist(src_seqs: Sequence[Sequence[int]], trg_seqs: Sequence[Sequen
 def write_shortlist(processed_dir: Path | str, out: Path | str, top_k: int,
                     frequent: int) -> Shortlist:
     """The `shortlist` stage: build from the train split of `vectorize`'s folder, save to `out`."""
-    from nmt.data.vectorize import load_split  # pandas/pyarrow: not needed to decode
+    from nmt.data.vectorize import load_split, tokenizers_dir  # pandas: not needed to decode
     from nmt.data.vocab import load_tokenizers
 
     processed_dir = Path(processed_dir)
-    src_tok, trg_tok = load_tokenizers(processed_dir / "tokenizers")
+    src_tok, trg_tok = load_tokenizers(tokenizers_dir(processed_dir))
     train = load_split(processed_dir, "train")
     shortlist = build_shortlist(train.src, train.trg, src_tok.vocab_size, trg_tok.vocab_size,
                                 top_k, frequent)

@@ -17,6 +17,11 @@ KILLED (SIGTERM stops at the end of the current batch), other exceptions as FAIL
 
 Progress: a line every `log_every_steps` (a bar too on a terminal) and the per-step history
 `reports/train/steps.csv`, see `nmt.progress`. Precision: `nmt.precision.resolve_precision`.
+
+Size: one module past the ~300-line guideline on purpose: trainer construction, the resume
+state and the hand-off of the run and the model folder (`nmt.checkpoint.ModelDir`) share one
+`train` call's run, fingerprint and failure handling; the resume fingerprint also hashes this
+module's imports (`package_imports(__file__)`), which a split would have to thread through.
 """
 
 from __future__ import annotations
@@ -44,16 +49,10 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nmt import tracking
-from nmt.checkpoint import (
-    CHECKPOINTS_DIR,
-    CONFIG_FILE,
-    MODEL_FILE,
-    RUN_FILE,
-    TOKENIZERS_DIR,
-    save_model_file,
-)
+from nmt.checkpoint import LAST_CKPT, ModelDir
 from nmt.config import ConfigError, Params, TrainConfig
 from nmt.data.datamodule import TranslationDataModule, bleu_subset
+from nmt.data.vectorize import TOKENIZERS_DIR, tokenizers_dir
 from nmt.data.vocab import load_tokenizers
 from nmt.io import write_json, write_text
 from nmt.lit_module import BleuProbe, NonFiniteLossError, Seq2SeqModule
@@ -62,12 +61,11 @@ from nmt.progress import STEPS_FILE, TrainProgress
 from nmt.sources import package_imports
 from nmt.tracking import RunRef, TrackingError
 
-__all__ = ["NonFiniteLossError", "TrackingError", "TrainResult", "check_runtime", "train"]
+__all__ = ["LAST_CKPT", "NonFiniteLossError", "TrackingError", "TrainResult", "check_runtime",
+           "train"]
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-LAST_CKPT = "last.ckpt"
 HISTORY_KEYS = ("val/loss", "val/ppl", "val/bleu", "train/loss", "train/lr")
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
@@ -127,18 +125,19 @@ def fingerprint(params: Params, processed_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_state(ckpt_dir: Path) -> dict[str, Any]:
+def _read_state(folder: ModelDir) -> dict[str, Any]:
     try:
-        return json.loads((ckpt_dir / STATE_FILE).read_text(encoding="utf-8"))
+        return json.loads(folder.state_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 
 
-def _resume_point(ckpt_dir: Path, fp: str, is_zero: bool) -> tuple[Path | None, RunRef | None]:
+def _resume_point(folder: ModelDir, fp: str, is_zero: bool
+                  ) -> tuple[Path | None, RunRef | None]:
     """(last.ckpt to resume from or None, the previous run); clears the folder on a fresh start."""
-    state = _read_state(ckpt_dir)
+    state = _read_state(folder)
     previous = RunRef(**state["run"]) if state.get("run") else None
-    last = ckpt_dir / LAST_CKPT
+    last, ckpt_dir = folder.last_checkpoint, folder.checkpoints_dir
     if state.get("fingerprint") == fp and not state.get("completed") and last.is_file():
         return last, previous
     if is_zero and ckpt_dir.exists():
@@ -149,9 +148,9 @@ def _resume_point(ckpt_dir: Path, fp: str, is_zero: bool) -> tuple[Path | None, 
     return None, previous
 
 
-def _write_state(ckpt_dir: Path, fp: str, ref: RunRef | None, completed: bool) -> None:
-    write_json(ckpt_dir / STATE_FILE, {"fingerprint": fp, "completed": completed,
-                                       "run": asdict(ref) if ref else None})
+def _write_state(folder: ModelDir, fp: str, ref: RunRef | None, completed: bool) -> None:
+    write_json(folder.state_file, {"fingerprint": fp, "completed": completed,
+                                   "run": asdict(ref) if ref else None})
 
 
 # --------------------------------------------------------------------------------- callbacks
@@ -251,7 +250,8 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
     precision = resolve_precision(cfg.precision, check_runtime(cfg))
     rank = _global_rank(cfg)
     is_zero = rank == 0
-    model_dir, ckpt_dir = Path(model_dir), Path(model_dir) / CHECKPOINTS_DIR
+    folder = ModelDir(Path(model_dir))
+    ckpt_dir = folder.checkpoints_dir
     if is_zero:
         tracking.check_reachable(tracking.resolve_tracking_uri(params.tracking, repo_root))
     if cfg.num_threads > 0:
@@ -259,7 +259,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
     L.seed_everything(params.seed, workers=True, verbose=False)
     dm = TranslationDataModule(processed_dir, cfg, params.seed, cfg.devices * cfg.num_nodes)
     dm.setup("fit")
-    src_tok, trg_tok = load_tokenizers(Path(processed_dir) / TOKENIZERS_DIR)
+    src_tok, trg_tok = load_tokenizers(tokenizers_dir(processed_dir))
     module = Seq2SeqModule(model=asdict(params.model), train=asdict(cfg),
                            src_vocab_size=src_tok.vocab_size, trg_vocab_size=trg_tok.vocab_size)
     assert dm.valid_split is not None
@@ -269,7 +269,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
                                   search.max_len_offset, cfg.val_samples)
 
     fp = fingerprint(params, processed_dir)
-    resume, previous = _resume_point(ckpt_dir, fp, is_zero)
+    resume, previous = _resume_point(folder, fp, is_zero)
     run = None
     if is_zero:
         if previous is not None and tracking.kill_if_running(previous):
@@ -284,7 +284,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
         run = tracking.start_run(params, repo_root, tracking.run_tags(repo_root, processed_dir,
                                                                       extra))
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _write_state(ckpt_dir, fp, run, completed=False)
+        _write_state(folder, fp, run, completed=False)
         tracking.log_metrics(run, {"data/padding_src": dm.padding["src"],
                                    "data/padding_trg": dm.padding["trg"],
                                    "model/parameters": module.num_parameters})
@@ -299,7 +299,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
             if not is_zero:
                 return _result("", best, trainer, module, dm, t_start)
             assert run is not None
-            result = _finish(params, module, trainer, best, dm, processed_dir, model_dir,
+            result = _finish(params, module, trainer, best, dm, processed_dir, folder,
                              reports_dir, run, t_start)
     except BaseException as exc:
         if run is not None:
@@ -313,7 +313,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
                 f"again: it resumes from the last checkpoint in {ckpt_dir} in a new run") from exc
         raise
     tracking.end_run(run, "FINISHED")
-    _write_state(ckpt_dir, fp, run, completed=True)
+    _write_state(folder, fp, run, completed=True)
     return result
 
 
@@ -356,20 +356,17 @@ def _result(run_id: str, best: ModelCheckpoint, trainer: L.Trainer, module: Seq2
 
 
 def _finish(params: Params, module: Seq2SeqModule, trainer: L.Trainer, best: ModelCheckpoint,
-            dm: TranslationDataModule, processed_dir: Path, model_dir: Path, reports_dir: Path,
+            dm: TranslationDataModule, processed_dir: Path, folder: ModelDir, reports_dir: Path,
             run: RunRef, t_start: float) -> TrainResult:
     """Write the model dir and reports from the best checkpoint; log them to the run."""
-    best_path = Path(best.best_model_path or model_dir / CHECKPOINTS_DIR / LAST_CKPT)
+    best_path = Path(best.best_model_path or folder.last_checkpoint)
     ckpt = torch.load(best_path, map_location="cpu", weights_only=True)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
     row = _best_row(trainer, best)
-    save_model_file(model_dir / MODEL_FILE, state, params.model, module.model.src_vocab_size,
-                    module.model.trg_vocab_size, step=int(ckpt["global_step"]),
-                    val_loss=float(row.get("val/loss", math.nan)))
-    shutil.rmtree(model_dir / TOKENIZERS_DIR, ignore_errors=True)
-    shutil.copytree(Path(processed_dir) / TOKENIZERS_DIR, model_dir / TOKENIZERS_DIR)
-    write_json(model_dir / CONFIG_FILE, asdict(params))
-    tracking.write_run_json(model_dir / RUN_FILE, run)
+    folder.save(params, state, module.model.src_vocab_size, module.model.trg_vocab_size,
+                tokenizers_dir(processed_dir), step=int(ckpt["global_step"]),
+                val_loss=float(row.get("val/loss", math.nan)))
+    tracking.write_run_json(folder.run_file, run)
 
     result = _result(run.run_id, best, trainer, module, dm, t_start)
     reports_dir = Path(reports_dir)
@@ -383,9 +380,9 @@ def _finish(params: Params, module: Seq2SeqModule, trainer: L.Trainer, best: Mod
     _write_history(reports_dir / "history.csv", recorder.history)
     write_text(reports_dir / "samples.md", "\n".join(recorder.samples))
 
-    tracking.log_artifact(run, model_dir / TOKENIZERS_DIR, "tokenizers")
-    for name in (MODEL_FILE, CONFIG_FILE):
-        tracking.log_artifact(run, model_dir / name, "model")
+    tracking.log_artifact(run, folder.tokenizers_dir, "tokenizers")
+    for path in (folder.model_file, folder.config_file):
+        tracking.log_artifact(run, path, "model")
     for name in ("metrics.json", "history.csv", STEPS_FILE):
         tracking.log_artifact(run, reports_dir / name, "reports/train")
     tracking.set_tags(run, {"best_checkpoint": best_path.name})

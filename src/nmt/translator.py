@@ -31,7 +31,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
-from nmt.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZERS_DIR, load_model
+from nmt.checkpoint import ModelDir
 from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
@@ -188,17 +188,16 @@ class Translator:
         int8: decode with an int8 copy of the model (`nmt.model.quantize`; CPU only).
         shortlist: use the folder's `shortlist.npz` when it has one (False: full vocabulary).
         """
-        model_dir = Path(model_dir)
-        missing = [n for n in (MODEL_FILE, CONFIG_FILE, TOKENIZERS_DIR)
-                   if not (model_dir / n).exists()]
-        if missing:
-            raise FileNotFoundError(f"{model_dir}: not a model folder (missing "
+        folder = ModelDir(Path(model_dir))
+        if missing := folder.missing():
+            raise FileNotFoundError(f"{folder.root}: not a model folder (missing "
                                     f"{', '.join(missing)}); run `dvc repro train` first or "
                                     "pass --model-dir")
-        model, src_tok, trg_tok, params = load_model(model_dir, map_location=device)
+        model, src_tok, trg_tok, params = folder.load(map_location=device)
         translator = cls(model, src_tok, trg_tok, params.evaluate.search,
                          params.vectorize.max_src_tokens,
-                         Shortlist.in_model_dir(model_dir) if shortlist else None)
+                         Shortlist.load(folder.shortlist_file)
+                         if shortlist and folder.has_shortlist() else None)
         return translator.to_int8() if int8 else translator
 
     def without_shortlist(self) -> Translator:

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from conftest import REPO, tiny_raw, write_params
 from nmt import registry, tracking
-from nmt.checkpoint import load_model
+from nmt.checkpoint import ModelDir, load_model
 from nmt.config import load_params
 from nmt.evaluation import TUTORIAL_EXAMPLES
 from nmt.export import stage as export_lib
@@ -151,10 +151,12 @@ def test_export_of_an_identical_model_registers_nothing(exported: dict) -> None:
     before = snapshot(client, NAME)
     params = load_params(exported["params"])
     model_dir = Path(exported["model_dir"])
+    folder = ModelDir(model_dir)
     model, src_tok, trg_tok, model_params = load_model(model_dir)
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
                             model_params.vectorize.max_src_tokens,
-                            Shortlist.in_model_dir(model_dir))  # as the stage does
+                            Shortlist.load(folder.shortlist_file)  # as the stage does
+                            if folder.has_shortlist() else None)
     promotion, _ = export_lib.publish(
         params, translator, model_params.model, model_dir, REPO / "data/external/ATTRIBUTION.md",
         tracking.read_run_json(model_dir / "run.json"), TEST_BLEU)

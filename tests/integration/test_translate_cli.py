@@ -112,7 +112,7 @@ def test_serving_env_switches_the_pyfunc_to_int8(exported: dict,
 
 
 def test_pyfunc_ships_the_shortlist_and_full_vocab_turns_it_off(exported: dict, capsys) -> None:
-    from nmt.serving import _load_pyfunc
+    from nmt.model_ref import _load_pyfunc
 
     uri = f"runs:/{exported['run_id']}/translator"
     shortlisted = _load_pyfunc(uri, int8=False, full_vocab=False).unwrap_python_model()

@@ -18,6 +18,9 @@ Distributed: every rank builds the same global batch list and takes `batches[ran
 its first `world * (len // world)` entries, so slices are disjoint and equally long. The number
 of train batches per epoch is fixed from epoch 0 (a later epoch that cuts a few more or fewer
 batches is trimmed or topped up from its own batches), because Lightning sizes epochs once.
+
+Size: slightly past the ~300-line guideline: the batch plan and the DataModule that resumes it
+mid-epoch share its state (epoch, batches to skip).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ observed hash is always written to `<out>.sha256` for provenance.
 
 `check_archive` and `read_corpus_member` refuse zip-slip names and zip bombs (declared sizes in
 the central directory, and a running count while reading, since declared sizes can lie).
+
+Size: one module past the ~300-line guideline on purpose: fetching, verifying and reading the
+one archive share its limits and the write-to-temp-then-rename discipline described above.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from nmt.specials import UNK_ID
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+TOKENIZERS_DIR = "tokenizers"  # in the out folder; see `nmt.data.vocab`
 ENCODE_ROWS = 100_000  # texts encoded per call (bounds the Python lists alive at once)
 ITER_ROWS = 10_000  # rows turned into Python strings at a time when iterating `Texts`
 
@@ -231,7 +232,7 @@ def vectorize(pairs_path: Path, out_dir: Path, stats_path: Path, cfg: VectorizeC
     stats.update(tokenizer=cfg.tokenizer, src_vocab_size=src_tok.vocab_size,
                  trg_vocab_size=trg_tok.vocab_size)
     with atomic_dir(out_dir) as tmp:
-        save_tokenizers(tmp / "tokenizers", src_tok, trg_tok)
+        save_tokenizers(tmp / TOKENIZERS_DIR, src_tok, trg_tok)
         for split in SPLITS:
             frame = pairs[pairs["split"] == split].reset_index(drop=True)
             frame["group"] = pd.factorize(frame["en"])[0].astype("int64")
@@ -249,6 +250,11 @@ def vectorize(pairs_path: Path, out_dir: Path, stats_path: Path, cfg: VectorizeC
                      stats[split]["sources"], dropped)
     write_json(stats_path, stats)
     return stats
+
+
+def tokenizers_dir(processed_dir: Path | str) -> Path:
+    """The tokenizers folder that `vectorize` wrote into `processed_dir`."""
+    return Path(processed_dir) / TOKENIZERS_DIR
 
 
 def load_split(processed_dir: Path | str, split: str) -> SplitData:

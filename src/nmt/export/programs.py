@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 import nmt
-from nmt.checkpoint import TOKENIZERS_DIR
+from nmt.checkpoint import ModelDir
 from nmt.config import SearchConfig
 from nmt.export.errors import ExportError
 from nmt.export.runner import ENCODER_FILE, PACKAGE, RUNNER_CONFIG, STEP_FILE
@@ -43,6 +43,7 @@ from nmt.model import DecoderState, EncoderOutput, Seq2Seq, Transformer
 
 RUNNER_SOURCE = Path(__file__).with_name("runner.py")
 RUNNER_FILE = "translate.py"
+TOKENIZERS = "tokenizers"  # in out_dir; the runner reads it by this name
 # `nmt` modules the runner imports from `nmt_portable/` (torch, numpy, sentencepiece and the
 # standard library only; they import each other relatively).
 SHIPPED_MODULES = ("text.py", "specials.py", "io.py", "model/search.py", "data/padding.py",
@@ -198,7 +199,7 @@ def write_portable(model: Seq2Seq | Transformer, model_dir: Path, search: Search
         raise ExportError(f"no portable export for a {type(model).__name__} model")
     write_json(out_dir / RUNNER_CONFIG, {**asdict(search), "max_src_tokens": max_src_tokens,
                                          "state": layout, "torch": torch.__version__})
-    shutil.copytree(model_dir / TOKENIZERS_DIR, out_dir / TOKENIZERS_DIR)
+    shutil.copytree(ModelDir(model_dir).tokenizers_dir, out_dir / TOKENIZERS)
     shutil.copy2(RUNNER_SOURCE, out_dir / RUNNER_FILE)
     write_search_code(out_dir)
     shutil.copy2(attribution, out_dir / "ATTRIBUTION.md")

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 
 import nmt
-from nmt.checkpoint import TOKENIZERS_DIR
+from nmt.checkpoint import ModelDir
 from nmt.config import ModelConfig
 from nmt.evaluation import TUTORIAL_EXAMPLES
 from nmt.export.errors import ExportError
@@ -54,7 +54,7 @@ def build_pyfunc_spec(translator: Translator, model_cfg: ModelConfig, model_dir:
     """Write the model-code file, the artifacts and the package copy into `work`."""
     (work / "model_code.py").write_text(model_code(), encoding="utf-8")
     artifacts = write_artifacts(work / "artifacts", translator.model, model_cfg,
-                                model_dir / TOKENIZERS_DIR, translator.search,
+                                ModelDir(model_dir).tokenizers_dir, translator.search,
                                 translator.max_src_tokens, attribution, translator.shortlist)
     s = translator.search
     example = (list(TUTORIAL_EXAMPLES), {"beam_size": s.beam_size, "nbest": 1,

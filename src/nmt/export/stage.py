@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nmt import registry, tracking
-from nmt.checkpoint import RUN_FILE, load_model
+from nmt.checkpoint import ModelDir
 from nmt.config import ModelConfig, Params
 from nmt.export.errors import ExportError
 from nmt.export.parity import ParityReport, check_parity, parity_sentences
@@ -85,14 +85,16 @@ def export(params: Params, model_dir: Path, eval_metrics: Path, test_data: Path,
 
 def _export(params: Params, model_dir: Path, eval_metrics: Path, test_data: Path, out_dir: Path,
             reports_dir: Path, attribution: Path) -> ExportResult:
-    if not (model_dir / RUN_FILE).is_file():
-        raise ExportError(f"{model_dir / RUN_FILE} not found: run `dvc repro train` first")
-    run = tracking.read_run_json(model_dir / RUN_FILE)
+    folder = ModelDir(model_dir)
+    if not folder.has_run():
+        raise ExportError(f"{folder.run_file} not found: run `dvc repro train` first")
+    run = tracking.read_run_json(folder.run_file)
     test_bleu = read_test_bleu(eval_metrics, run)
-    model, src_tok, trg_tok, model_params = load_model(model_dir)
+    model, src_tok, trg_tok, model_params = folder.load()
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
                             model_params.vectorize.max_src_tokens,
-                            Shortlist.in_model_dir(model_dir))
+                            Shortlist.load(folder.shortlist_file) if folder.has_shortlist()
+                            else None)
     sentences = parity_sentences(test_data, params.export.parity_sentences)
     with atomic_dir(out_dir) as tmp_out:  # replaces out_dir only if everything succeeds
         write_portable(model, model_dir, params.evaluate.search, translator.max_src_tokens,
@@ -127,7 +129,7 @@ def publish(params: Params, translator: Translator, model_cfg: ModelConfig, mode
                      existing)
             return registry.unchanged(client, name, existing, test_bleu, margin), []
         examples = validate_pyfunc(spec, Path(tmp))
-        with tracking.open_run(model_dir / RUN_FILE) as handle:
+        with tracking.open_run(ModelDir(model_dir).run_file) as handle:
             info = mlflow.pyfunc.log_model(name=PYFUNC_NAME, **spec.kwargs())
             promotion = registry.register_and_promote(
                 client, name, info.model_uri, run.run_id, test_bleu, margin,
