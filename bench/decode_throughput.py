@@ -24,7 +24,8 @@ and on CPU, fp32 against bf16 decoding side by side (`evaluate.search.precision`
     bf16_vs_fp32    per search: share of identical outputs, BLEU difference, speed-up, and
                     whether BLEU stays within 0.1 of fp32 (the bar for bf16 as the default)
 The fp32 and bf16 runs alternate --repeats times per search (best time kept), so both see the
-same machine load. --precision-only skips every other mode.
+same machine load. --precision-only skips every other mode (add --full-vocab to compare without
+the shortlist).
 Also the speed-ups and whether the targets are met (batched beam 5 >= 10x the one-at-a-time
 fp32 greedy loop and >= 150 sentences/s; for int8 also against the int8 loop). Every mode goes
 through `nmt.translator.Translator`, tokenisation and detokenisation included. The loop is
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the int8 decoding mode (batched beam and the loop) on CPU")
     parser.add_argument("--precision-only", action="store_true",
                         help="only fp32 against bf16 (and int8 with --int8), batched, on CPU")
+    parser.add_argument("--full-vocab", action="store_true",
+                        help="with --precision-only: the whole vocabulary, not the shortlist")
     parser.add_argument("--repeats", type=int, default=1,
                         help="alternating timed runs per precision (best kept; default 1)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -254,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.processor() or platform.machine(), "cpu_name": hw.cpu_name(),
         "cpu_bf16_units": hw.cpu_bf16_flags()}
     if args.precision_only:
-        translator = Translator.from_model_dir(args.model_dir, precision="fp32")
+        translator = Translator.from_model_dir(args.model_dir, precision="fp32",
+                                               shortlist=not args.full_vocab)
+        report["full_vocab"] = translator.shortlist is None
         report["cpu"] = {"precision": bench_precision(
             translator, sources, references, args.batch_size, args.beam, args.repeats,
             args.int8)}
