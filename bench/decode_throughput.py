@@ -16,13 +16,24 @@ and with --int8 on CPU also
                     --int8`, `NMT_INT8=1` when serving: `nmt.model.quantize`), with its
                     agreement with fp32 beam
     loop_greedy_int8   the one-at-a-time loop in int8 (weights 4x smaller help it too)
-plus the speed-ups and whether the targets are met (batched beam 5 >= 10x the one-at-a-time
+and on CPU, fp32 against bf16 decoding side by side (`evaluate.search.precision`,
+`nmt translate --precision`, `nmt.decode_precision`), `precision` in the JSON:
+    fp32, bf16      batched greedy and batched beam in each precision (bf16 only on a CPU with
+                    bf16 units; otherwise the reason), each with sentences/s and BLEU (every
+                    reference, `nmt.metrics.corpus_bleu`)
+    bf16_vs_fp32    per search: share of identical outputs, BLEU difference, speed-up, and
+                    whether BLEU stays within 0.1 of fp32 (the bar for bf16 as the default)
+The fp32 and bf16 runs alternate --repeats times per search (best time kept), so both see the
+same machine load. --precision-only skips every other mode (add --full-vocab to compare without
+the shortlist).
+Also the speed-ups and whether the targets are met (batched beam 5 >= 10x the one-at-a-time
 fp32 greedy loop and >= 150 sentences/s; for int8 also against the int8 loop). Every mode goes
 through `nmt.translator.Translator`, tokenisation and detokenisation included. The loop is
 timed on --loop-limit evenly spaced sources only (it is slow); the batched modes on all (or
 --limit) distinct test sources.
 
     python bench/decode_throughput.py --model-dir models --processed data/processed
+    python bench/decode_throughput.py --precision-only --int8 --out reports/bench/decode_bf16.json
 
 CPU numbers depend on the cores free at the time: on a shared machine, run it twice.
 """
@@ -42,12 +53,18 @@ import numpy as np
 import sacrebleu
 import torch
 
+from nmt import precision as hw
+from nmt.config import ConfigError
 from nmt.data.vectorize import load_split
+from nmt.metrics import corpus_bleu
 from nmt.translator import Translation, Translator
 
 T = TypeVar("T")
 TARGET_SPEEDUP = 10.0  # batched beam 5 vs the one-at-a-time greedy loop
 TARGET_BEAM_PER_S = 150.0  # batched beam 5 on CPU, default model
+# issue 16, on a CPU with bf16 units (fp32 there: 335 and 1,046 sentences/s)
+TARGET_BF16 = {"batched_beam": 400.0, "batched_greedy": 1300.0}
+MAX_BLEU_DROP = 0.1  # bf16 may be the default only within this much BLEU of fp32
 
 
 def _mode(translations: Sequence[Translation], seconds: float,
@@ -146,6 +163,62 @@ def bench_full_vocab(translator: Translator, sources: list[str], references: lis
                                         "same_output_as_shortlist": round(same / len(beamed), 3)}}
 
 
+def bench_precision(translator: Translator, sources: list[str], references: list[list[str]],
+                    batch_size: int, beam: int, repeats: int,
+                    int8: bool) -> dict[str, object]:
+    """Batched greedy and beam in fp32 and bf16 (alternating runs, best time), compared."""
+    runs: dict[str, Translator] = {"fp32": translator.to_precision("fp32")}
+    out: dict[str, object] = {}
+    try:
+        runs["bf16"] = Translator(translator.model, translator.src_tok, translator.trg_tok,
+                                  translator.search, translator.max_src_tokens,
+                                  translator.shortlist, precision="bf16")
+    except ConfigError as exc:
+        out["bf16_skipped"] = exc.reason
+    if int8:
+        runs["int8"] = Translator(translator.model, translator.src_tok, translator.trg_tok,
+                                  translator.search, translator.max_src_tokens,
+                                  translator.shortlist, precision="fp32").to_int8()
+    searches = {"batched_greedy": 1, "batched_beam": beam}
+    results: dict[str, dict[str, object]] = {name: {} for name in runs}
+    outputs: dict[tuple[str, str], list[Translation]] = {}
+    for mode, width in searches.items():
+        best: dict[str, float] = {}
+        for t in runs.values():  # warm-up (autocast and allocator caches)
+            t.translate(sources[:batch_size], beam_size=width, batch_size=batch_size)
+        for _ in range(repeats):
+            for name, t in runs.items():
+                outputs[name, mode], seconds = _timed(
+                    lambda t=t, w=width: t.translate(sources, beam_size=w, nbest=1,
+                                                     batch_size=batch_size), t.device)
+                best[name] = min(best.get(name, float("inf")), seconds)
+        for name in runs:
+            hyps = outputs[name, mode]
+            results[name][mode] = {**_mode(hyps, best[name], None),
+                                   "bleu": round(corpus_bleu([h.text for h in hyps],
+                                                             references), 2)}
+    out.update(results)
+    for name in runs:
+        if name == "fp32":
+            continue
+        versus: dict[str, object] = {}
+        for mode in searches:
+            a, b = outputs["fp32", mode], outputs[name, mode]
+            same = sum(x.tokens == y.tokens for x, y in zip(a, b, strict=True)) / len(a)
+            delta = (corpus_bleu([h.text for h in b], references)
+                     - corpus_bleu([h.text for h in a], references))
+            rate, base = (_rate(results[n], mode) for n in (name, "fp32"))
+            versus[mode] = row = {"same_output_share": round(same, 4),
+                                  "bleu_delta": round(delta, 3),
+                                  "bleu_within_0.1": delta >= -MAX_BLEU_DROP,
+                                  "speedup": round(rate / base, 2)}
+            if name == "bf16":
+                row |= {"target_per_s": TARGET_BF16[mode],
+                        "target_met": rate >= TARGET_BF16[mode]}
+        out[f"{name}_vs_fp32"] = versus
+    return out
+
+
 def _rate(result: dict[str, object], mode: str) -> float:
     return max(float(result[mode]["sentences_per_s"]), 1e-9)  # type: ignore[index]
 
@@ -164,6 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU")
     parser.add_argument("--int8", action="store_true",
                         help="also time the int8 decoding mode (batched beam and the loop) on CPU")
+    parser.add_argument("--precision-only", action="store_true",
+                        help="only fp32 against bf16 (and int8 with --int8), batched, on CPU")
+    parser.add_argument("--full-vocab", action="store_true",
+                        help="with --precision-only: the whole vocabulary, not the shortlist")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="alternating timed runs per precision (best kept; default 1)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -174,9 +254,18 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(args.model_dir), "test_sources": len(sources),
         "loop_sources": min(args.loop_limit, len(sources)), "batch_size": args.batch_size,
         "beam": args.beam, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine()}
+        "machine": platform.processor() or platform.machine(), "cpu_name": hw.cpu_name(),
+        "cpu_bf16_units": hw.cpu_bf16_flags()}
+    if args.precision_only:
+        translator = Translator.from_model_dir(args.model_dir, precision="fp32",
+                                               shortlist=not args.full_vocab)
+        report["full_vocab"] = translator.shortlist is None
+        report["cpu"] = {"precision": bench_precision(
+            translator, sources, references, args.batch_size, args.beam, args.repeats,
+            args.int8)}
+        return _emit(report, args.out)
     for name in devices:
-        translator = Translator.from_model_dir(args.model_dir, device=name)
+        translator = Translator.from_model_dir(args.model_dir, device=name, precision="fp32")
         result, beamed = bench_device(translator, sources, references, args.loop_limit,
                                       args.batch_size, args.beam)
         if name == "cuda":
@@ -207,8 +296,26 @@ def main(argv: list[str] | None = None) -> int:
                 targets |= {"beam_int8_vs_loop_10x": int8_rate / loop_rate >= TARGET_SPEEDUP,
                             "beam_int8_150_per_s": int8_rate >= TARGET_BEAM_PER_S}
             result["targets_met"] = targets
+            result["precision"] = bench_precision(_fresh(args.model_dir), sources, references,
+                                                  args.batch_size, args.beam, args.repeats,
+                                                  False)
         report[name] = result
-    print(json.dumps(report, indent=2))
+    return _emit(report, args.out)
+
+
+def _fresh(model_dir: Path) -> Translator:
+    """An fp32 translator on a fresh model copy (the one benchmarked above may be int8 now)."""
+    return Translator.from_model_dir(model_dir, precision="fp32")
+
+
+def _emit(report: dict[str, object], out: Path | None) -> int:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(out)
     return 0
 
 

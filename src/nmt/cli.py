@@ -18,7 +18,14 @@ from itertools import islice
 from pathlib import Path
 
 from nmt import __version__
-from nmt.config import MAX_BEAM_SIZE, ConfigError, check_beam, flatten, load_params
+from nmt.config import (
+    DECODE_PRECISIONS,
+    MAX_BEAM_SIZE,
+    ConfigError,
+    check_beam,
+    flatten,
+    load_params,
+)
 from nmt.text import unicode_problem
 
 log = logging.getLogger("nmt")
@@ -185,7 +192,8 @@ def cmd_translate(args: argparse.Namespace) -> int:
         return 1
     try:
         model, uri = resolve_model(args.model, args.params)
-        translate = open_translator(model, uri, int8=args.int8, full_vocab=args.full_vocab)
+        translate = open_translator(model, uri, int8=args.int8, full_vocab=args.full_vocab,
+                                    precision=args.precision)
     except (ConfigError, ModelNotFoundError, TrackingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -273,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the model's evaluate.search.batch_size)")
     p.add_argument("--int8", action="store_true", help="decode with an int8 copy of the model "
                    "(CPU only; faster, outputs may differ slightly from fp32)")
+    p.add_argument("--precision", choices=DECODE_PRECISIONS, default=None, help="decoding "
+                   "precision: bf16 (CPUs with bf16 units), fp32, or auto = bf16 where the CPU "
+                   "has bf16 units (default: the model's evaluate.search.precision)")
     p.add_argument("--full-vocab", action="store_true", help="search the whole target "
                    "vocabulary instead of the model's lexical shortlist (slower)")
     p.set_defaults(func=cmd_translate)

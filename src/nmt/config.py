@@ -35,6 +35,9 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message} (edit params.yaml)")
 
 
+DECODE_PRECISIONS = ("auto", "fp32", "bf16")  # evaluate.search.precision (`nmt.precision`)
+
+
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
@@ -276,9 +279,13 @@ class SearchConfig:
     max_len_offset: int
     nbest: int
     batch_size: int
+    precision: str = "fp32"  # decoding: auto | fp32 | bf16 (`nmt.decode_precision`); fp32 for
+    # files written before the setting (model folders, exported pyfuncs): they decode as before
 
     def __post_init__(self) -> None:
         p = "evaluate.search"
+        _require(self.precision in DECODE_PRECISIONS, f"{p}.precision",
+                 f"must be one of {', '.join(DECODE_PRECISIONS)}, got {self.precision!r}")
         if problem := beam_problem(self.beam_size, self.nbest):
             raise ConfigError(f"{p}.{problem[0]}", problem[1])
         _require(self.length_penalty >= 0, f"{p}.length_penalty", "must be >= 0")
@@ -392,13 +399,19 @@ def _build(cls: type[T], raw: object, where: str = "") -> T:
         raise ConfigError(where or "<root>", f"expected a mapping, got {type(raw).__name__}")
     prefix = f"{where}." if where else ""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [f.name for f in fields]
+    # a field with a default is a key added later: files written before it (a model folder's
+    # config.json) read with the default; params.yaml lists it
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING}
     if extra := sorted(set(raw) - set(names)):
         raise ConfigError(prefix + str(extra[0]), f"unknown key; allowed: {', '.join(names)}")
     values = {}
     for name in names:
         key = prefix + name
         if name not in raw:
+            if name in optional:
+                continue
             raise ConfigError(key, "missing; add it to params.yaml")
         kind = hints[name]
         values[name] = (

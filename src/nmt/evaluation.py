@@ -198,7 +198,7 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
     """
     model_dir, reports_dir = Path(model_dir), Path(reports_dir)
     run_json = ModelDir(model_dir).run_file
-    base = Translator.from_model_dir(model_dir, device=device)
+    base = Translator.from_model_dir(model_dir, device=device, precision="fp32")
     if not run_json.is_file():
         raise FileNotFoundError(f"{run_json} not found: the model folder has no MLflow run "
                                 "to log into; rerun `dvc repro train`")
@@ -214,7 +214,8 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
     beam, greedy = decode(translator, sources, beam_size), decode(translator, sources, 1)
     metrics = _metrics(sources, references, beam, greedy)
     metrics.update({"decode/device": str(device), "decode/cpu_threads": torch.get_num_threads(),
-                    "decode/shortlist": _describe(translator.shortlist)})
+                    "decode/shortlist": _describe(translator.shortlist),
+                    "decode/precision": translator.precision})
     lengths = [len(translator.src_tok.encode(s)) for s in sources]  # before any truncation
     by_length = bleu_by_length(lengths, references, {"bleu": beam.best,
                                                      "bleu_greedy": greedy.best},

@@ -29,12 +29,13 @@ def is_model_uri(ref: str) -> bool:
 
 
 def open_translator(ref: str, tracking_uri: str, int8: bool = False,
-                    full_vocab: bool = False) -> TranslateFn:
+                    full_vocab: bool = False, precision: str | None = None) -> TranslateFn:
     """A translate function for a local model dir, a local pyfunc dir or an MLflow model URI.
 
     Local train-stage folders (`model.pt`) use `Translator` directly; everything else is loaded
     as the pyfunc. Empty sentences translate to "" without reaching the model. int8: decode with
     an int8 copy of the model (CPU only). full_vocab: ignore the model's lexical shortlist.
+    precision: auto | fp32 | bf16 (None: the model's `evaluate.search.precision`).
     Raises ModelNotFoundError naming the command that creates the missing model.
     """
     if not is_model_uri(ref):
@@ -42,9 +43,9 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False,
 
         path = Path(ref)
         if (path / "MLmodel").is_file():
-            return _pyfunc_translate(_load_pyfunc(str(path), int8, full_vocab))
+            return _pyfunc_translate(_load_pyfunc(str(path), int8, full_vocab, precision))
         if ModelDir(path).has_model():
-            return _local_translate(path, int8, full_vocab)
+            return _local_translate(path, int8, full_vocab, precision)
         raise ModelNotFoundError(f"no model folder at {path}: create one with `dvc repro train` "
                                  "(or `dvc repro` for the whole pipeline)")
     _check_store(tracking_uri)
@@ -60,7 +61,7 @@ def open_translator(ref: str, tracking_uri: str, int8: bool = False,
                 f"no version of registered model {name!r} has alias {alias!r} in {tracking_uri}: "
                 "create one with `dvc repro export` (or `dvc repro` for the whole pipeline)"
             ) from exc
-    return _pyfunc_translate(_load_pyfunc(ref, int8, full_vocab))
+    return _pyfunc_translate(_load_pyfunc(ref, int8, full_vocab, precision))
 
 
 def _check_store(tracking_uri: str) -> None:
@@ -76,7 +77,7 @@ def _check_store(tracking_uri: str) -> None:
         check_sqlite_store(db)  # TrackingError naming a corrupt file
 
 
-def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:
+def _load_pyfunc(ref: str, int8: bool, full_vocab: bool, precision: str | None = None) -> Any:
     import mlflow
 
     try:
@@ -87,15 +88,20 @@ def _load_pyfunc(ref: str, int8: bool, full_vocab: bool) -> Any:
     python_model = model.unwrap_python_model()
     if full_vocab:
         python_model.translator = python_model.translator.without_shortlist()
+    if precision is not None:
+        python_model.translator.to_precision(precision, key="--precision")
     if int8:
         python_model.translator.to_int8()
     return model
 
 
-def _local_translate(model_dir: Path, int8: bool, full_vocab: bool) -> TranslateFn:
+def _local_translate(model_dir: Path, int8: bool, full_vocab: bool,
+                     precision: str | None = None) -> TranslateFn:
     from nmt.translator import Translator
 
     translator = Translator.from_model_dir(model_dir, int8=int8, shortlist=not full_vocab)
+    if precision is not None:
+        translator.to_precision(precision, key="--precision")
 
     def translate(sentences: list[str], beam_size: int | None, nbest: int | None,
                   batch_size: int | None) -> list[TranslationOutput]:

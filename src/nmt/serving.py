@@ -25,7 +25,8 @@ get a short 400, and no error body carries a stack trace or more than a few hund
 
 Deploy-time option: with the environment variable `NMT_INT8=1` the server decodes with an int8
 copy of the model (`nmt.model.quantize`, CPU only; faster, outputs may differ slightly from
-fp32); unset or `0` keeps fp32.
+fp32); unset or `0` keeps fp32. `NMT_PRECISION=auto|fp32|bf16` overrides the model's
+`evaluate.search.precision` (`nmt.decode_precision`; unset: the model's setting).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ MAX_BEAM = 16
 WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "attribution"
 SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models exported before lack it)
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
+PRECISION_ENV = "NMT_PRECISION"  # auto | fp32 | bf16: decoding precision (unset: the model's)
 
 
 REEXPORT = "log the model again with `dvc repro export` (or `dvc repro --force export`)"
@@ -198,9 +200,13 @@ class TranslatorModel(PythonModel):
         self.translator = Translator(model.eval(), src_tok, trg_tok,
                                      SearchConfig(**config["search"]), config["max_src_tokens"],
                                      shortlist)
+        if precision := os.environ.get(PRECISION_ENV, "").strip():
+            self.translator.to_precision(precision, key=PRECISION_ENV)
         if int8_requested():
             self.translator.to_int8()
             log.info("%s=1: decoding with an int8 copy of the model", INT8_ENV)
+        log.info("decoding precision: %s", "int8" if self.translator.int8
+                 else self.translator.precision)
 
     def predict(self, model_input: list[str], params: dict[str, Any] | None = None
                 ) -> list[TranslationOutput]:

@@ -238,7 +238,8 @@ class ShortlistModel(nn.Module):
             self.bias, features, self.weight.t())
         if self.banned is not None:
             logits.masked_fill_(self.banned.index_select(0, state.sentence), float("-inf"))
-        return logits.log_softmax(dim=-1), _RowState(new_inner, state.sentence), weights
+        # fp32 log-softmax also for a bf16 model (`Translator` precision bf16)
+        return logits.float().log_softmax(dim=-1), _RowState(new_inner, state.sentence), weights
 
     def to_vocabulary(self, result: SearchResult) -> SearchResult:
         """Map a search result's token positions back to vocabulary ids."""

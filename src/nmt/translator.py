@@ -16,6 +16,10 @@ Per call to `translate`:
    search when beam_size = 1) and returned in input order. With a lexical shortlist
    (`nmt.shortlist`, `models/shortlist.npz`) each batch is searched over the target pieces its
    source pieces make likely instead of the whole vocabulary.
+
+Precision (`evaluate.search.precision`, `nmt.decode_precision`): `bf16` runs the model under
+a bf16 copy of the model, with the log-softmax and every search score in fp32; `fp32` decodes as
+before. An int8 model (`to_int8`) decodes in int8 whatever the precision.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from nmt.checkpoint import ModelDir
 from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
+from nmt.decode_precision import Fp32LogProbs, bf16_copy, resolve_decode_precision
 from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
 from nmt.model.quantize import is_quantized, quantize_int8
 from nmt.shortlist import Shortlist, ShortlistModel, output_layer
@@ -162,11 +167,12 @@ class Translator:
         max_src_tokens: sources are cut to this many tokens (`vectorize.max_src_tokens`).
         shortlist: search each batch over this lexical shortlist (None or a disabled one: the
             full vocabulary); it must fit the model's vocabularies.
+        precision: decoding precision, auto | fp32 | bf16 (None: `search.precision`).
     """
 
     def __init__(self, model: Seq2Seq, src_tok: Tokenizer, trg_tok: Tokenizer,
                  search: SearchConfig, max_src_tokens: int,
-                 shortlist: Shortlist | None = None) -> None:
+                 shortlist: Shortlist | None = None, precision: str | None = None) -> None:
         if max_src_tokens < 1:
             raise ValueError(f"max_src_tokens: must be >= 1, got {max_src_tokens}")
         self.model = model.eval()
@@ -179,14 +185,19 @@ class Translator:
         if shortlist is not None and shortlist.enabled:
             shortlist.check_fits(model.src_vocab_size, model.trg_vocab_size, "Translator")
             self.shortlist, self._output = shortlist, output_layer(model)
+        self.precision = "fp32"  # resolved: fp32 | bf16
+        self._bf16: tuple[Seq2Seq, tuple[Tensor, Tensor | None] | None] | None = None
+        self.to_precision(search.precision if precision is None else precision)
 
     @classmethod
     def from_model_dir(cls, model_dir: Path | str, device: str | torch.device = "cpu",
-                       int8: bool = False, shortlist: bool = True) -> Translator:
+                       int8: bool = False, shortlist: bool = True,
+                       precision: str | None = None) -> Translator:
         """Load a model folder written by the train stage (search settings from its config).
 
         int8: decode with an int8 copy of the model (`nmt.model.quantize`; CPU only).
         shortlist: use the folder's `shortlist.npz` when it has one (False: full vocabulary).
+        precision: auto | fp32 | bf16 (None: the config's `evaluate.search.precision`).
         """
         folder = ModelDir(Path(model_dir))
         if missing := folder.missing():
@@ -197,7 +208,8 @@ class Translator:
         translator = cls(model, src_tok, trg_tok, params.evaluate.search,
                          params.vectorize.max_src_tokens,
                          Shortlist.load(folder.shortlist_file)
-                         if shortlist and folder.has_shortlist() else None)
+                         if shortlist and folder.has_shortlist() else None,
+                         precision)
         return translator.to_int8() if int8 else translator
 
     def without_shortlist(self) -> Translator:
@@ -210,6 +222,17 @@ class Translator:
         """Switch this translator to an int8 copy of its model (CPU only); returns self."""
         if not is_quantized(self.model):
             self.model = quantize_int8(self.model)
+        return self
+
+    def to_precision(self, precision: str, key: str = "evaluate.search.precision") -> Translator:
+        """Decode in `precision` (auto | fp32 | bf16, resolved for the model's device); returns
+        self. ConfigError (named `key`) for an unknown value or bf16 where it would be emulated.
+        """
+        self.precision = resolve_decode_precision(precision, self.device, key)
+        if self.precision == "bf16" and self._bf16 is None:  # model and shortlist output layer
+            self._bf16 = (cast(Seq2Seq, bf16_copy(self.model)), None if self._output is None
+                          else (self._output[0].bfloat16(), None if self._output[1] is None
+                                else self._output[1].bfloat16()))
         return self
 
     @property
@@ -278,19 +301,30 @@ class Translator:
     def _search(self, ids: list[list[int]], beam: int, nbest: int) -> SearchResult:
         src, src_lengths = pad_sources(ids)  # (B, S) ids + EOS then PAD, (B,)
         src, src_lengths = src.to(self.device), src_lengths.to(self.device)
-        s = self.search
+        model, output = self.model, self._output
+        bf16 = self._bf16 is not None and self.precision == "bf16" and not self.int8
+        if bf16:
+            model, output = self._bf16  # type: ignore[misc]  # bf16 is only True when set
         shortlisted = None
-        if self.shortlist is not None and self._output is not None:
+        if self.shortlist is not None and output is not None:
             ids, allowed = self.shortlist.batch(src)
-            shortlisted = ShortlistModel(self.model, ids.to(self.device), *self._output, allowed)
-        model = cast(Seq2Seq, self.model if shortlisted is None else shortlisted)
+            shortlisted = ShortlistModel(model, ids.to(self.device), *output, allowed)
+        step_model = cast(Seq2Seq, model if shortlisted is None else shortlisted)
+        if bf16:
+            step_model = cast(Seq2Seq, Fp32LogProbs(step_model))
+        result = self._run_search(step_model, src, src_lengths, beam, nbest)
+        return result if shortlisted is None else shortlisted.to_vocabulary(result)
+
+    def _run_search(self, model: Seq2Seq, src: Tensor, src_lengths: Tensor, beam: int,
+                    nbest: int) -> SearchResult:
+        s = self.search
         if beam == 1:
             result = greedy_search(model, src, src_lengths, s.max_len_ratio, s.max_len_offset)
         else:
             result = beam_search(model, src, src_lengths, beam_size=beam,
                                  length_penalty=s.length_penalty, max_len_ratio=s.max_len_ratio,
                                  max_len_offset=s.max_len_offset, nbest=nbest)
-        return result if shortlisted is None else shortlisted.to_vocabulary(result)
+        return result
 
     def _translation(self, source: str, enc: _Encoded, result: SearchResult,
                      row: int) -> Translation:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 
 import mlflow
 import pytest
 from test_export_registry import NAME, export_once
 
+import nmt.precision as hw
 from conftest import tiny_raw, write_params
 from nmt import cli
-from nmt.serving import INT8_ENV, MAX_SENTENCES, int8_requested
+from nmt.serving import INT8_ENV, MAX_SENTENCES, PRECISION_ENV, int8_requested
 
 
 @pytest.fixture()
@@ -185,3 +187,39 @@ def test_finds_the_project_from_a_subfolder(exported: dict, capsys, monkeypatch,
     monkeypatch.delenv("MLFLOW_TRACKING_URI")  # the store must come from the project's params
     rc, lines, err = run(capsys, "--beam", "1", "Go.")
     assert rc == 0 and len(lines) == 1 and lines[0], err
+
+
+@pytest.mark.parametrize("ref", ["model_dir", "runs"])
+def test_precision_switch_of_a_folder_and_of_the_pyfunc(
+        exported: dict, capsys, ref: str, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    model = (exported["model_dir"] if ref == "model_dir"
+             else f"runs:/{exported['run_id']}/translator")
+    args = ["--params", exported["params"], "--model", model, "--beam", "2", "Be nice.", "Go."]
+    monkeypatch.setattr(hw, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    outputs = {}
+    for precision in ("fp32", "bf16"):
+        rc, outputs[precision], err = run(capsys, *args, "--precision", precision)
+        assert rc == 0, err
+    assert len(outputs["bf16"]) == len(outputs["fp32"]) == 2 and all(outputs["bf16"])
+    monkeypatch.setattr(hw, "cpu_bf16_flags", lambda: [])  # a CPU without bf16 units
+    rc, out, err = run(capsys, *args, "--precision", "bf16")
+    errors = [line for line in err.splitlines() if line.startswith("error")]  # no MLflow bars
+    assert rc == 1 and not out and len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: --precision: 'bf16' needs a CPU with bf16 units")
+    with caplog.at_level(logging.WARNING, logger="nmt.decode_precision"):
+        rc, out, err = run(capsys, *args, "--precision", "auto")
+    assert rc == 0 and len(out) == 2, err
+    assert "--precision auto: this CPU" in caplog.text and "decoding in fp32" in caplog.text
+
+
+def test_serving_env_sets_the_pyfunc_precision(exported: dict,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"runs:/{exported['run_id']}/translator"
+    monkeypatch.setattr(hw, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    for value in ("fp32", "bf16"):
+        monkeypatch.setenv(PRECISION_ENV, value)
+        assert mlflow.pyfunc.load_model(uri).unwrap_python_model().translator.precision == value
+    monkeypatch.setenv(PRECISION_ENV, "fp16")
+    with pytest.raises(Exception, match="NMT_PRECISION: must be one of auto, fp32, bf16"):
+        mlflow.pyfunc.load_model(uri)

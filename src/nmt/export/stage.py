@@ -94,7 +94,7 @@ def _export(params: Params, model_dir: Path, eval_metrics: Path, test_data: Path
     translator = Translator(model, src_tok, trg_tok, params.evaluate.search,
                             model_params.vectorize.max_src_tokens,
                             Shortlist.load(folder.shortlist_file) if folder.has_shortlist()
-                            else None)
+                            else None, precision="fp32")
     sentences = parity_sentences(test_data, params.export.parity_sentences)
     with atomic_dir(out_dir) as tmp_out:  # replaces out_dir only if everything succeeds
         write_portable(model, model_dir, params.evaluate.search, translator.max_src_tokens,
