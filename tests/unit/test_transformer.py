@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_raw
+from factories import src_trg_batch, tiny_model_cfg, tiny_transformer_cfg
 from nmt.checkpoint import load_model_file, save_model_file
 from nmt.config import ConfigError, ModelConfig, TransformerConfig, load_params, parse_params
 from nmt.data.datamodule import Batch
@@ -23,11 +24,8 @@ from nmt.shortlist import ShortlistModel, output_layer
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
 
 SRC_V, TRG_V = 13, 11
-TF = TransformerConfig(layers=2, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                       positions="sinusoidal", max_positions=64)
-CFG = ModelConfig(arch="transformer", transformer=TF, rnn="gru", emb_dim=6, hidden=5,
-                  enc_layers=1, dec_layers=1, bidirectional=True, attention="luong_general",
-                  input_feeding=False, dropout=0.0, tie_embeddings=True)
+TF = tiny_transformer_cfg(layers=2)
+CFG = tiny_model_cfg(arch="transformer", transformer=TF, rnn="gru", emb_dim=6, hidden=5)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,14 +41,7 @@ def make_model(seed: int = 0, tied: bool = True, **tf: object) -> Transformer:
 
 def make_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """src (3, 7) with lengths 7, 4, 1 and trg_in (3, 5) with a padded tail."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([7, 4, 1])
-    src = torch.randint(4, SRC_V, (3, 7), generator=gen)
-    src = src.masked_fill(torch.arange(7)[None, :] >= lengths[:, None], PAD_ID)
-    trg_in = torch.randint(4, TRG_V, (3, 5), generator=gen)
-    trg_in[:, 0] = BOS_ID
-    trg_in[2, 3:] = PAD_ID
-    return src, lengths, trg_in
+    return src_trg_batch(SRC_V, TRG_V, seed)
 
 
 def stepwise(model: Transformer, src: torch.Tensor, lengths: torch.Tensor,
