@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import zipfile
+from typing import Any
 
 import torch
 
@@ -53,6 +54,22 @@ def build_zip(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> 
         for name, data in members.items():
             zf.writestr(name, data)
     return buf.getvalue()
+
+
+def decode_stepwise(model: Any, src: torch.Tensor, lengths: torch.Tensor,
+                    trg_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Feed trg_in (B, T) one position at a time through `encode`, `init_state` and `step`.
+
+    Returns:
+        log_probs (B, T, V), attention weights (B, T, S) and the final decoder state.
+    """
+    state = model.init_state(model.encode(src, lengths))
+    log_probs, weights = [], []
+    for t in range(trg_in.size(1)):
+        lp, state, w = model.step(state, trg_in[:, t])
+        log_probs.append(lp)
+        weights.append(w)
+    return torch.stack(log_probs, 1), torch.stack(weights, 1), state
 
 
 def src_trg_batch(src_vocab: int, trg_vocab: int, seed: int = 0

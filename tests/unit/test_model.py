@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from factories import src_trg_batch, tiny_model_cfg
+from factories import decode_stepwise, src_trg_batch, tiny_model_cfg
 from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.model.decoder import Decoder
 from nmt.specials import BOS_ID, PAD_ID
@@ -37,17 +37,6 @@ def make_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return src_trg_batch(SRC_V, TRG_V, seed)
 
 
-def stepwise_log_probs(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor,
-                       trg_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    state = model.init_state(model.encode(src, lengths))
-    log_probs, weights = [], []
-    for t in range(trg_in.size(1)):
-        lp, state, w = model.step(state, trg_in[:, t])
-        log_probs.append(lp)
-        weights.append(w)
-    return torch.stack(log_probs, 1), torch.stack(weights, 1)
-
-
 @pytest.mark.parametrize(("rnn", "attention", "bidirectional", "feeding"), COMBOS)
 def test_forward_equals_step_by_step(rnn: str, attention: str, bidirectional: bool,
                                      feeding: bool) -> None:
@@ -56,7 +45,7 @@ def test_forward_equals_step_by_step(rnn: str, attention: str, bidirectional: bo
     src, lengths, trg_in = make_batch()
     logits = model(src, lengths, trg_in)
     assert logits.shape == (3, 5, TRG_V)
-    step_lp, weights = stepwise_log_probs(model, src, lengths, trg_in)
+    step_lp, weights, _ = decode_stepwise(model, src, lengths, trg_in)
     assert step_lp.shape == (3, 5, TRG_V) and weights.shape == (3, 5, 7)
     torch.testing.assert_close(logits.log_softmax(-1), step_lp, atol=1e-5, rtol=1e-5)
     assert model.decoder.fast_path == (not feeding and attention != "bahdanau")
@@ -74,7 +63,7 @@ def test_multilayer_shapes_and_equivalence(enc_layers: int, dec_layers: int) -> 
         assert enc.outputs.shape == (3, 7, 10) and enc.hidden.shape == (3, 10)
         state = model.init_state(enc)
         assert state.hidden.shape == (dec_layers, 3, 10) == state.cell.shape
-        step_lp, _ = stepwise_log_probs(model, src, lengths, trg_in)
+        step_lp, _, _ = decode_stepwise(model, src, lengths, trg_in)
         torch.testing.assert_close(model(src, lengths, trg_in).log_softmax(-1), step_lp,
                                    atol=1e-5, rtol=1e-5)
 
