@@ -180,11 +180,18 @@ def stop_store(store: S3Store) -> bool:
     store.pidfile.unlink(missing_ok=True)
     if pid is None:
         return False
+    kill_group(pid)
+    return True
+
+
+def kill_group(pid: int, grace_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM process group `pid` (reaping its leader if it is our child), SIGKILL after
+    `grace_s`; also used by `team_tracking.py` for the MLflow server."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + STOP_TIMEOUT_S
+        return
+    deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         try:
             os.waitpid(pid, os.WNOHANG)
@@ -193,16 +200,16 @@ def stop_store(store: S3Store) -> bool:
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            return True
+            return
         time.sleep(0.2)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    return True
 
 
 def tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file, or "(no log)"."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

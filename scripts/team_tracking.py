@@ -43,7 +43,6 @@ import pwd
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -405,16 +404,16 @@ def start_mlflow(cfg: Settings) -> int:
         if proc.poll() is not None:
             cfg.pidfile.unlink(missing_ok=True)
             raise TeamError(f"the MLflow server exited with code {proc.returncode} before "
-                            f"answering; last lines of {mlog}:\n{tail(mlog)}")
+                            f"answering; last lines of {mlog}:\n{team_s3.tail(mlog, 25)}")
         if health(cfg.tracking_uri):
             check_store(cfg, deadline)
             return proc.pid
         time.sleep(0.5)
-    kill_group(proc.pid)
+    team_s3.kill_group(proc.pid, STOP_TIMEOUT_S)  # CLI, uvicorn, workers
     cfg.pidfile.unlink(missing_ok=True)
     raise TeamError(f"the MLflow server did not answer {cfg.tracking_uri}/health within "
                     f"{cfg.timeout_s:.0f} s (TEAM_START_TIMEOUT_S); stopped it. Last lines of "
-                    f"{mlog}:\n{tail(mlog)}")
+                    f"{mlog}:\n{team_s3.tail(mlog, 25)}")
 
 
 def check_store(cfg: Settings, deadline: float) -> None:
@@ -434,46 +433,12 @@ def check_store(cfg: Settings, deadline: float) -> None:
                 time.sleep(1)
 
 
-def tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def kill_group(pid: int) -> None:
-    """SIGTERM the server's process group (CLI, uvicorn, workers); SIGKILL after the grace."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        reap(pid)
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
-
-
 def stop_mlflow(cfg: Settings) -> bool:
     pid = mlflow_pid(cfg)
     cfg.pidfile.unlink(missing_ok=True)
     if pid is None:
         return False
-    kill_group(pid)
+    team_s3.kill_group(pid, STOP_TIMEOUT_S)
     return True
 
 

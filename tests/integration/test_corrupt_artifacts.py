@@ -49,6 +49,23 @@ def _model_copy(tiny: dict, tmp_path: Path, case: str | None = None) -> Path:
     return model_dir
 
 
+def _evaluate(tiny: dict, model_dir: Path, reports: Path) -> int:
+    """The evaluate stage's exit code on `model_dir` (the session's params and test data)."""
+    return evaluate_stage.main(["--params", str(tiny["params"]), "--model-dir", str(model_dir),
+                                "--processed", str(tiny["processed"]), "--reports", str(reports),
+                                "--device", "cpu"])
+
+
+def _export(tiny: dict, model_dir: Path, metrics: Path, reports: Path) -> int:
+    """The export stage's exit code on `model_dir` into `model_dir/export`."""
+    return export_stage.main([
+        "--params", str(tiny["params"]), "--model-dir", str(model_dir),
+        "--eval-metrics", str(metrics), "--test-data",
+        str(Path(tiny["processed"]) / "test.parquet"),
+        "--attribution", str(REPO / "data/external/ATTRIBUTION.md"),
+        "--out-dir", str(model_dir / "export"), "--reports", str(reports)])
+
+
 def _expected(model_dir: Path, case: str) -> tuple[str, str]:
     name, _, words = CORRUPT[case]
     path = model_dir / name
@@ -75,9 +92,7 @@ def test_evaluate_stage_names_the_corrupt_file_and_keeps_old_reports(
     reports.mkdir()
     (reports / "metrics.json").write_text('{"test/bleu": 12.5}\n')  # an earlier run's report
     with caplog.at_level(logging.ERROR):
-        code = evaluate_stage.main(["--params", str(tiny_trained["params"]), "--model-dir",
-                                    str(model_dir), "--processed", str(tiny_trained["processed"]),
-                                    "--reports", str(reports), "--device", "cpu"])
+        code = _evaluate(tiny_trained, model_dir, reports)
     assert code == 1
     start, rebuild = _expected(model_dir, case)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
@@ -112,16 +127,8 @@ def test_corrupt_mlflow_db_is_named_by_evaluate_export_and_translate(
     metrics = tmp_path / "eval_metrics.json"
     metrics.write_text('{"test/bleu": 20.0}')
     with caplog.at_level(logging.ERROR):
-        assert evaluate_stage.main(["--params", str(tiny_trained["params"]), "--model-dir",
-                                    str(model_dir), "--processed",
-                                    str(tiny_trained["processed"]), "--reports",
-                                    str(reports / "evaluate"), "--device", "cpu"]) == 1
-        assert export_stage.main([
-            "--params", str(tiny_trained["params"]), "--model-dir", str(model_dir),
-            "--eval-metrics", str(metrics), "--test-data",
-            str(Path(tiny_trained["processed"]) / "test.parquet"),
-            "--attribution", str(REPO / "data/external/ATTRIBUTION.md"),
-            "--out-dir", str(model_dir / "export"), "--reports", str(reports / "export")]) == 1
+        assert _evaluate(tiny_trained, model_dir, reports / "evaluate") == 1
+        assert _export(tiny_trained, model_dir, metrics, reports / "export") == 1
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 2 and all(expected in e for e in errors)
     assert not reports.exists() and not (model_dir / "export").exists()
@@ -137,12 +144,7 @@ def test_export_stage_names_a_truncated_checkpoint(tiny_trained: dict, tmp_path:
     metrics = tmp_path / "eval_metrics.json"
     metrics.write_text('{"test/bleu": 20.0}')
     with caplog.at_level(logging.ERROR):
-        assert export_stage.main([
-            "--params", str(tiny_trained["params"]), "--model-dir", str(model_dir),
-            "--eval-metrics", str(metrics), "--test-data",
-            str(Path(tiny_trained["processed"]) / "test.parquet"),
-            "--attribution", str(REPO / "data/external/ATTRIBUTION.md"),
-            "--out-dir", str(model_dir / "export"), "--reports", str(tmp_path / "r")]) == 1
+        assert _export(tiny_trained, model_dir, metrics, tmp_path / "r") == 1
     start, rebuild = _expected(model_dir, "truncated-model")
     (message,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert message == f"ModelFileError: {start}{rebuild}"

@@ -11,6 +11,12 @@ import pipelines.validate as validate
 from conftest import tiny_raw, write_params
 
 
+def run_validate(params: Path, archive: Path, out: Path, reports: Path) -> int:
+    """The validate stage's exit code on `archive` with `params`."""
+    return validate.main(["--params", str(params), "--archive", str(archive), "--out", str(out),
+                          "--reports", str(reports)])
+
+
 def test_chain_outputs(tiny_data: dict[str, Path]) -> None:
     summary = json.loads((tiny_data["reports"] / "validation/summary.json").read_text())
     assert summary["passed"] and summary["pairs"] == 3001 and summary["rejected"] == 2
@@ -35,18 +41,7 @@ def test_failed_validation_writes_reports_but_no_pairs(
         tmp_path / "params.yaml", tiny_raw(validate={"min_rows": 5000, "max_rows": 9000})
     )
     out = tmp_path / "pairs.parquet"
-    code = validate.main(
-        [
-            "--params",
-            str(params),
-            "--archive",
-            str(tiny_data["archive"]),
-            "--out",
-            str(out),
-            "--reports",
-            str(tmp_path / "reports"),
-        ]
-    )
+    code = run_validate(params, tiny_data["archive"], out, tmp_path / "reports")
     assert code == 1
     assert not out.exists()
     summary = json.loads((tmp_path / "reports/summary.json").read_text())
@@ -60,18 +55,8 @@ def test_too_many_rejected_lines_fails(tmp_path: Path, tiny_data: dict[str, Path
     params = write_params(
         tmp_path / "params.yaml", tiny_raw(validate={"max_rejected_share": 0.0001})
     )
-    code = validate.main(
-        [
-            "--params",
-            str(params),
-            "--archive",
-            str(tiny_data["archive"]),
-            "--out",
-            str(tmp_path / "pairs.parquet"),
-            "--reports",
-            str(tmp_path / "reports"),
-        ]
-    )
+    code = run_validate(params, tiny_data["archive"], tmp_path / "pairs.parquet",
+                        tmp_path / "reports")
     assert code == 1 and not (tmp_path / "pairs.parquet").exists()
     assert (
         "max_rejected_share"
@@ -83,17 +68,6 @@ def test_too_many_rejected_lines_fails(tmp_path: Path, tiny_data: dict[str, Path
 
 def test_bad_params_exit_1(tmp_path: Path, tiny_data: dict[str, Path], caplog) -> None:
     params = write_params(tmp_path / "params.yaml", tiny_raw(validate={"min_rows": "many"}))
-    code = validate.main(
-        [
-            "--params",
-            str(params),
-            "--archive",
-            str(tiny_data["archive"]),
-            "--out",
-            str(tmp_path / "p.parquet"),
-            "--reports",
-            str(tmp_path),
-        ]
-    )
+    code = run_validate(params, tiny_data["archive"], tmp_path / "p.parquet", tmp_path)
     assert code == 1
     assert "validate.min_rows" in caplog.text

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import os
 import random
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +17,7 @@ from types import ModuleType
 import pytest
 from http_server import ScriptedServer, endless_chunks, ok, slow, status, truncated
 
+from factories import build_zip, download_cfg
 from nmt.config import DownloadConfig
 from nmt.data.download import (
     USER_AGENT,
@@ -36,14 +35,6 @@ SNAPSHOT = REPO_ROOT / "data" / "external" / "fra-eng.zip"
 CORPUS = b"Go.\tVa !\nHi.\tSalut !\n" * 50
 
 
-def build_zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 PAYLOAD = build_zip(
     {
         "fra-eng/fra.txt": CORPUS,
@@ -56,21 +47,12 @@ OLD = build_zip({"fra-eng/fra.txt": b"Old.\tVieux.\n"})  # the "previous good ou
 
 
 def cfg(url: str, **overrides: object) -> DownloadConfig:
+    """The payload's checksum, a missing bundled copy, 2 retries and a 2 MB cap."""
     values: dict[str, object] = dict(
-        url=url,
-        sha256=PAYLOAD_SHA256,
-        bundled="data/external/does-not-exist.zip",
-        connect_timeout_s=1.0,
-        read_timeout_s=2.0,
-        retries=2,
-        backoff_s=0.01,
-        max_download_bytes=2_000_000,
-        max_uncompressed_bytes=1_000_000,
-        max_compression_ratio=100.0,
-        corpus_member="fra.txt",
-    )
-    values.update(overrides)
-    return DownloadConfig(**values)  # type: ignore[arg-type]
+        sha256=PAYLOAD_SHA256, bundled="data/external/does-not-exist.zip",
+        connect_timeout_s=1.0, read_timeout_s=2.0, retries=2, backoff_s=0.01,
+        max_download_bytes=2_000_000)
+    return download_cfg(url, **(values | overrides))
 
 
 @pytest.fixture

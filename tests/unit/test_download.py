@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import io
 import os
-import socket
 import struct
 import zipfile
 from pathlib import Path
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from conftest import free_port
+from factories import build_zip, download_cfg
 from nmt.config import DownloadConfig, load_params
 from nmt.data.download import (
     ArchiveError,
@@ -33,35 +34,7 @@ CORPUS = b"Go.\tVa !\nHi.\tSalut !\n"
 
 def cfg(**overrides: object) -> DownloadConfig:
     """A small config; `url` points at a closed port so any network use fails loudly."""
-    values: dict[str, object] = dict(
-        url=f"http://127.0.0.1:{closed_port()}/fra-eng.zip",
-        sha256="",
-        bundled="",
-        connect_timeout_s=0.5,
-        read_timeout_s=0.5,
-        retries=0,
-        backoff_s=0.0,
-        max_download_bytes=10_000_000,
-        max_uncompressed_bytes=1_000_000,
-        max_compression_ratio=100.0,
-        corpus_member="fra.txt",
-    )
-    values.update(overrides)
-    return DownloadConfig(**values)  # type: ignore[arg-type]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def build_zip(members: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", method) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
+    return download_cfg(f"http://127.0.0.1:{free_port()}/fra-eng.zip", **overrides)
 
 
 def lie_about_size(data: bytes, declared: int) -> bytes:

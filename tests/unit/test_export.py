@@ -14,8 +14,9 @@ import torch
 from mlflow.exceptions import MlflowException
 
 import nmt
+from factories import tiny_model_cfg, tiny_transformer_cfg
 from nmt import text
-from nmt.config import ModelConfig, SearchConfig, TransformerConfig
+from nmt.config import SearchConfig
 from nmt.data.vocab import CharTokenizer, save_tokenizers
 from nmt.export import runner as export_runner
 from nmt.export.parity import check_parity
@@ -74,26 +75,14 @@ def test_check_request_accepts_limits() -> None:
 # Two random models between them cover LSTM and GRU, 1 and 2 layers, uni- and bidirectional
 # encoders, the four attentions' code paths (bahdanau/luong_dot here; luong_general and none share
 # the Luong step), input feeding and tied/untied embeddings.
-UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                              positions="sinusoidal", max_positions=64)  # arch rnn
 MODELS = {
-    "lstm": ModelConfig(arch="rnn", transformer=UNUSED_TF,
-                        rnn="lstm", emb_dim=8, hidden=8, enc_layers=2, dec_layers=2,
-                        bidirectional=True, attention="bahdanau", input_feeding=True,
-                        dropout=0.1, tie_embeddings=False),
-    "gru": ModelConfig(arch="rnn", transformer=UNUSED_TF,
-                       rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
-                       bidirectional=False, attention="luong_dot", input_feeding=False,
-                       dropout=0.0, tie_embeddings=True),
+    "lstm": tiny_model_cfg(enc_layers=2, dec_layers=2, attention="bahdanau",
+                           input_feeding=True, dropout=0.1, tie_embeddings=False),
+    "gru": tiny_model_cfg(rnn="gru", bidirectional=False, attention="luong_dot"),
     # KV-cache state (dynamic target length), learned positions, dropout off in eval
-    "transformer": ModelConfig(arch="transformer",
-                               transformer=TransformerConfig(layers=2, heads=2, d_model=8,
-                                                             ff_dim=16, dropout=0.1,
-                                                             positions="learned",
-                                                             max_positions=64),
-                               rnn="gru", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
-                               bidirectional=False, attention="luong_dot",
-                               input_feeding=False, dropout=0.0, tie_embeddings=True),
+    "transformer": tiny_model_cfg(
+        arch="transformer", rnn="gru", bidirectional=False, attention="luong_dot",
+        transformer=tiny_transformer_cfg(layers=2, dropout=0.1, positions="learned")),
 }
 
 

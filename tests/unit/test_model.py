@@ -8,18 +8,13 @@ import itertools
 import pytest
 import torch
 
-from nmt.config import ModelConfig, TransformerConfig
+from factories import decode_stepwise, src_trg_batch, tiny_model_cfg
 from nmt.model import Seq2Seq, build_model, count_parameters
 from nmt.model.decoder import Decoder
 from nmt.specials import BOS_ID, PAD_ID
 
 SRC_V, TRG_V = 13, 11
-UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                              positions="sinusoidal", max_positions=64)  # arch rnn
-BASE = ModelConfig(arch="rnn", transformer=UNUSED_TF,
-                   rnn="lstm", emb_dim=6, hidden=5, enc_layers=1, dec_layers=1,
-                   bidirectional=True, attention="luong_general", input_feeding=False,
-                   dropout=0.0, tie_embeddings=True)
+BASE = tiny_model_cfg(emb_dim=6, hidden=5)
 COMBOS = [
     (rnn, attention, bidirectional, feeding)
     for rnn, attention, bidirectional, feeding in itertools.product(
@@ -39,25 +34,7 @@ def make_model(seed: int = 0, **overrides: object) -> Seq2Seq:
 
 def make_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """src (3, 7) with lengths 7, 4, 1 and trg_in (3, 5) with padded tails."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([7, 4, 1])
-    src = torch.randint(4, SRC_V, (3, 7), generator=gen)
-    src = src.masked_fill(torch.arange(7)[None, :] >= lengths[:, None], PAD_ID)
-    trg_in = torch.randint(4, TRG_V, (3, 5), generator=gen)
-    trg_in[:, 0] = BOS_ID
-    trg_in[2, 3:] = PAD_ID
-    return src, lengths, trg_in
-
-
-def stepwise_log_probs(model: Seq2Seq, src: torch.Tensor, lengths: torch.Tensor,
-                       trg_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    state = model.init_state(model.encode(src, lengths))
-    log_probs, weights = [], []
-    for t in range(trg_in.size(1)):
-        lp, state, w = model.step(state, trg_in[:, t])
-        log_probs.append(lp)
-        weights.append(w)
-    return torch.stack(log_probs, 1), torch.stack(weights, 1)
+    return src_trg_batch(SRC_V, TRG_V, seed)
 
 
 @pytest.mark.parametrize(("rnn", "attention", "bidirectional", "feeding"), COMBOS)
@@ -68,7 +45,7 @@ def test_forward_equals_step_by_step(rnn: str, attention: str, bidirectional: bo
     src, lengths, trg_in = make_batch()
     logits = model(src, lengths, trg_in)
     assert logits.shape == (3, 5, TRG_V)
-    step_lp, weights = stepwise_log_probs(model, src, lengths, trg_in)
+    step_lp, weights, _ = decode_stepwise(model, src, lengths, trg_in)
     assert step_lp.shape == (3, 5, TRG_V) and weights.shape == (3, 5, 7)
     torch.testing.assert_close(logits.log_softmax(-1), step_lp, atol=1e-5, rtol=1e-5)
     assert model.decoder.fast_path == (not feeding and attention != "bahdanau")
@@ -86,7 +63,7 @@ def test_multilayer_shapes_and_equivalence(enc_layers: int, dec_layers: int) -> 
         assert enc.outputs.shape == (3, 7, 10) and enc.hidden.shape == (3, 10)
         state = model.init_state(enc)
         assert state.hidden.shape == (dec_layers, 3, 10) == state.cell.shape
-        step_lp, _ = stepwise_log_probs(model, src, lengths, trg_in)
+        step_lp, _, _ = decode_stepwise(model, src, lengths, trg_in)
         torch.testing.assert_close(model(src, lengths, trg_in).log_softmax(-1), step_lp,
                                    atol=1e-5, rtol=1e-5)
 

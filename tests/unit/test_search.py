@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from nmt.config import ModelConfig, TransformerConfig
+from factories import tiny_model_cfg
 from nmt.model import Seq2Seq, beam_search, build_model, greedy_search
 from nmt.model.decoder import DecoderState
 from nmt.model.encoder import EncoderOutput
@@ -18,12 +18,7 @@ from nmt.model.search import max_output_lengths
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
 
 V = 12
-UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                              positions="sinusoidal", max_positions=64)  # arch rnn
-BASE = ModelConfig(arch="rnn", transformer=UNUSED_TF,
-                   rnn="lstm", emb_dim=8, hidden=6, enc_layers=1, dec_layers=1,
-                   bidirectional=True, attention="luong_general", input_feeding=False,
-                   dropout=0.0, tie_embeddings=True)
+BASE = tiny_model_cfg(hidden=6)
 CONFIGS = {
     "luong-lstm": {},
     "bahdanau-gru-feeding": {"rnn": "gru", "attention": "bahdanau", "input_feeding": True},

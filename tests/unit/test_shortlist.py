@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from nmt.config import ModelConfig, SearchConfig, TransformerConfig
+from factories import tiny_model_cfg
+from nmt.config import SearchConfig
 from nmt.data.vocab import CharTokenizer
 from nmt.model import beam_search, build_model, greedy_search
 from nmt.model.quantize import quantize_int8
@@ -24,12 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # three pairs over source ids 5..7 and target ids 10..12 (specials 0..3 never appear in data)
 SRC = [[5, 6], [5, 7, 5], [6]]
 TRG = [[10, 11], [10, 12], [11, 11]]
-UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                              positions="sinusoidal", max_positions=64)  # arch rnn
-CFG = ModelConfig(arch="rnn", transformer=UNUSED_TF,
-                  rnn="gru", emb_dim=8, hidden=6, enc_layers=1, dec_layers=1,
-                  bidirectional=True, attention="luong_general", input_feeding=False,
-                  dropout=0.0, tie_embeddings=True)
+CFG = tiny_model_cfg(rnn="gru", hidden=6)
 V = 40
 
 

@@ -13,21 +13,19 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_raw
+from factories import decode_stepwise, src_trg_batch, tiny_model_cfg, tiny_transformer_cfg
 from nmt.checkpoint import load_model_file, save_model_file
 from nmt.config import ConfigError, ModelConfig, TransformerConfig, load_params, parse_params
 from nmt.data.datamodule import Batch
 from nmt.lit_module import Seq2SeqModule
-from nmt.model import Transformer, TransformerState, beam_search, build_model, greedy_search
+from nmt.model import Transformer, beam_search, build_model, greedy_search
 from nmt.model.quantize import quantize_int8
 from nmt.shortlist import ShortlistModel, output_layer
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
 
 SRC_V, TRG_V = 13, 11
-TF = TransformerConfig(layers=2, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                       positions="sinusoidal", max_positions=64)
-CFG = ModelConfig(arch="transformer", transformer=TF, rnn="gru", emb_dim=6, hidden=5,
-                  enc_layers=1, dec_layers=1, bidirectional=True, attention="luong_general",
-                  input_feeding=False, dropout=0.0, tie_embeddings=True)
+TF = tiny_transformer_cfg(layers=2)
+CFG = tiny_model_cfg(arch="transformer", transformer=TF, rnn="gru", emb_dim=6, hidden=5)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,25 +41,7 @@ def make_model(seed: int = 0, tied: bool = True, **tf: object) -> Transformer:
 
 def make_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """src (3, 7) with lengths 7, 4, 1 and trg_in (3, 5) with a padded tail."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([7, 4, 1])
-    src = torch.randint(4, SRC_V, (3, 7), generator=gen)
-    src = src.masked_fill(torch.arange(7)[None, :] >= lengths[:, None], PAD_ID)
-    trg_in = torch.randint(4, TRG_V, (3, 5), generator=gen)
-    trg_in[:, 0] = BOS_ID
-    trg_in[2, 3:] = PAD_ID
-    return src, lengths, trg_in
-
-
-def stepwise(model: Transformer, src: torch.Tensor, lengths: torch.Tensor,
-             trg_in: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, TransformerState]:
-    state = model.init_state(model.encode(src, lengths))
-    log_probs, weights = [], []
-    for t in range(trg_in.size(1)):
-        lp, state, w = model.step(state, trg_in[:, t])
-        log_probs.append(lp)
-        weights.append(w)
-    return torch.stack(log_probs, 1), torch.stack(weights, 1), state
+    return src_trg_batch(SRC_V, TRG_V, seed)
 
 
 @pytest.mark.parametrize(("positions", "tied"), [("sinusoidal", True), ("learned", False)])
@@ -70,7 +50,7 @@ def test_teacher_forcing_equals_incremental_decoding(positions: str, tied: bool)
     src, lengths, trg_in = make_batch()
     with torch.no_grad():
         forced = model(src, lengths, trg_in).log_softmax(-1)  # (B, T, V)
-        stepped, _, state = stepwise(model, src, lengths, trg_in)
+        stepped, _, state = decode_stepwise(model, src, lengths, trg_in)
     torch.testing.assert_close(stepped, forced, atol=1e-5, rtol=1e-5)
     assert state.self_k.shape == (3, TF.layers, trg_in.size(1), TF.d_model)
 
@@ -85,7 +65,7 @@ def test_shapes_masks_and_causality() -> None:
         state = model.init_state(enc)
         assert state.cross_k.shape == (3, TF.layers, 7, TF.d_model)
         assert state.self_k.shape == (3, TF.layers, 0, TF.d_model)
-        _, weights, _ = stepwise(model, src, lengths, trg_in)  # (B, T, S)
+        _, weights, _ = decode_stepwise(model, src, lengths, trg_in)  # (B, T, S)
         assert torch.all(weights.masked_select(~enc.mask[:, None, :]) == 0)
         torch.testing.assert_close(weights.sum(-1), torch.ones(3, trg_in.size(1)))
         changed = trg_in.clone()
@@ -101,7 +81,7 @@ def test_state_row_selection() -> None:
     model = make_model()
     src, lengths, trg_in = make_batch()
     with torch.no_grad():
-        _, _, state = stepwise(model, src, lengths, trg_in[:, :2])
+        _, _, state = decode_stepwise(model, src, lengths, trg_in[:, :2])
     picked = state.index_select(torch.tensor([2, 0, 0]))
     assert torch.equal(picked.mask, state.mask[[2, 0, 0]])
     assert torch.equal(picked.self_v, state.self_v[[2, 0, 0]])

@@ -12,18 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from nmt.config import ModelConfig, SearchConfig, TransformerConfig
+from factories import tiny_model_cfg
+from nmt.config import SearchConfig
 from nmt.data.vocab import CharTokenizer
 from nmt.model import build_model
 from nmt.model.quantize import is_quantized, quantize_int8
 from nmt.translator import InputError, Translator, read_lines
 
-UNUSED_TF = TransformerConfig(layers=1, heads=2, d_model=8, ff_dim=16, dropout=0.0,
-                              positions="sinusoidal", max_positions=64)  # arch rnn
-CFG = ModelConfig(arch="rnn", transformer=UNUSED_TF,
-                  rnn="lstm", emb_dim=8, hidden=8, enc_layers=1, dec_layers=1,
-                  bidirectional=True, attention="luong_general", input_feeding=False,
-                  dropout=0.0, tie_embeddings=True)
+CFG = tiny_model_cfg()
 SEARCH = SearchConfig(beam_size=3, length_penalty=0.6, max_len_ratio=1.0, max_len_offset=3,
                       nbest=1, batch_size=2)
 SRC_CHARS = "abcdefghijklmnopqrstuvwxyz .!?'"

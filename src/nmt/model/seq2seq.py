@@ -10,15 +10,15 @@ from nmt.model.encoder import Encoder, EncoderOutput
 from nmt.model.shapes import check_dtype, check_shapes
 
 
-class Seq2Seq(nn.Module):
-    """Encoder-decoder with attention; plain PyTorch, no training-stack imports.
+class EncoderDecoder(nn.Module):
+    """What `Seq2Seq` and `nmt.model.Transformer` share: an encoder and a decoder, each with an
+    `embedding`, the check of a padded source batch, and teacher-forced `forward`.
 
-    `forward` returns raw logits for a label-smoothed cross entropy; `step` returns log
-    probabilities for search. Both go through `Decoder.step` unless the decoder's fast path
-    (Luong/none attention without input feeding) runs all positions in one RNN call.
+    Subclasses define `encode` and `init_state`; their decoders `embed`, run all target
+    positions (`decoder(state, embedded)` -> features, state) and map features to `logits`.
     """
 
-    def __init__(self, encoder: Encoder, decoder: Decoder) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -31,6 +31,52 @@ class Seq2Seq(nn.Module):
     def trg_vocab_size(self) -> int:
         return self.decoder.embedding.num_embeddings
 
+    @staticmethod
+    def check_source(src: Tensor, src_lengths: Tensor) -> None:
+        """Raise naming the argument unless src is (B, S) long and src_lengths (B,) long in
+        [1, S] (the value check is skipped while compiling)."""
+        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"))
+        check_dtype("src", src, torch.long)
+        check_dtype("src_lengths", src_lengths, torch.long)
+        if not torch.compiler.is_compiling():
+            low, high = int(src_lengths.min()), int(src_lengths.max())
+            if low < 1 or high > src.size(1):
+                raise ValueError(f"src_lengths: expected values in [1, {src.size(1)}] "
+                                 f"(S of src), got min {low}, max {high}")
+
+    def forward(self, src: Tensor, src_lengths: Tensor, trg_in: Tensor) -> Tensor:
+        """Teacher-forced scores.
+
+        Args:
+            src: source ids, shape (B, S), long.
+            src_lengths: real source lengths, shape (B,), long.
+            trg_in: decoder inputs (BOS y_1 ... y_{T-1}, PAD after), shape (B, T), long.
+        Returns:
+            raw logits (B, T, V); positions after a sentence's end are garbage for the loss to
+            ignore (target PAD).
+        """
+        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"),
+                     ("trg_in", trg_in, "B T"))
+        check_dtype("trg_in", trg_in, torch.long)
+        state = self.init_state(self.encode(src, src_lengths))
+        features, _ = self.decoder(state, self.decoder.embed(trg_in))  # (B, T, E or D)
+        return self.decoder.logits(features)  # (B, T, V)
+
+
+class Seq2Seq(EncoderDecoder):
+    """Encoder-decoder with attention; plain PyTorch, no training-stack imports.
+
+    `forward` returns raw logits for a label-smoothed cross entropy; `step` returns log
+    probabilities for search. Both go through `Decoder.step` unless the decoder's fast path
+    (Luong/none attention without input feeding) runs all positions in one RNN call.
+    """
+
+    encoder: Encoder
+    decoder: Decoder
+
+    def __init__(self, encoder: Encoder, decoder: Decoder) -> None:
+        super().__init__(encoder, decoder)
+
     def encode(self, src: Tensor, src_lengths: Tensor, pack: bool = True) -> EncoderOutput:
         """Encode a padded source batch.
 
@@ -42,14 +88,7 @@ class Seq2Seq(nn.Module):
         Returns:
             EncoderOutput: outputs (B, S, H_enc), mask (B, S), final hidden/cell (B, H_enc).
         """
-        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"))
-        check_dtype("src", src, torch.long)
-        check_dtype("src_lengths", src_lengths, torch.long)
-        if not torch.compiler.is_compiling():
-            low, high = int(src_lengths.min()), int(src_lengths.max())
-            if low < 1 or high > src.size(1):
-                raise ValueError(f"src_lengths: expected values in [1, {src.size(1)}] "
-                                 f"(S of src), got min {low}, max {high}")
+        self.check_source(src, src_lengths)
         return self.encoder(src, src_lengths, pack=pack)
 
     def init_state(self, encoder_output: EncoderOutput) -> DecoderState:
@@ -70,21 +109,3 @@ class Seq2Seq(nn.Module):
         attn_vec, state, weights = self.decoder.step(state, self.decoder.embed(prev_tokens))
         log_probs = self.decoder.logits(attn_vec).log_softmax(dim=-1)  # (B, V)
         return log_probs, state, weights
-
-    def forward(self, src: Tensor, src_lengths: Tensor, trg_in: Tensor) -> Tensor:
-        """Teacher-forced scores.
-
-        Args:
-            src: source ids, shape (B, S), long.
-            src_lengths: real source lengths, shape (B,), long.
-            trg_in: decoder inputs (BOS y_1 ... y_{T-1}, PAD after), shape (B, T), long.
-        Returns:
-            raw logits (B, T, V); positions after a sentence's end are garbage for the loss to
-            ignore (target PAD).
-        """
-        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"),
-                     ("trg_in", trg_in, "B T"))
-        check_dtype("trg_in", trg_in, torch.long)
-        state = self.init_state(self.encode(src, src_lengths))
-        attn_vecs, _ = self.decoder(state, self.decoder.embed(trg_in))  # (B, T, E)
-        return self.decoder.logits(attn_vecs)  # (B, T, V)

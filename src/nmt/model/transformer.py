@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from nmt.config import ModelConfig
-from nmt.model.shapes import check_dtype, check_shapes
+from nmt.model.seq2seq import EncoderDecoder
+from nmt.model.shapes import check_shapes
 from nmt.model.transformer_layers import DecoderLayer, EncoderLayer, PositionKind, Positions
 from nmt.specials import PAD_ID
 
@@ -72,33 +73,33 @@ class TransformerState:
 STATE_FIELDS = ("self_k", "self_v", "enc_out", "mask", "cross_k", "cross_v")
 
 
-class _Embed(nn.Module):
-    """Token embedding scaled by sqrt(D), plus positions, plus dropout."""
+class _Stack(nn.Module):
+    """Token embedding scaled by sqrt(D), plus positions, plus dropout; then L layers of
+    `layer_type` and a final LayerNorm (the encoder and the decoder differ only in the layer)."""
 
-    def __init__(self, *, vocab_size: int, d_model: int, positions: PositionKind,
-                 max_positions: int, dropout: float) -> None:
+    layer_type: type[EncoderLayer] | type[DecoderLayer]
+
+    def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
+                 dropout: float, positions: PositionKind, max_positions: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=PAD_ID)
         self.positions = Positions(kind=positions, d_model=d_model, max_positions=max_positions)
         self.scale = d_model ** 0.5
         self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(
+            self.layer_type(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
+            for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
 
     def add_positions(self, emb: Tensor, start: int) -> Tensor:
         """Scaled embeddings (B, T, D) of positions start.. -> with positions and dropout."""
         return self.dropout(emb + self.positions(start, emb.size(1), emb))
 
 
-class TransformerEncoder(_Embed):
+class TransformerEncoder(_Stack):
     """Embedding + positions, L pre-norm self-attention layers, final LayerNorm."""
 
-    def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
-                 dropout: float, positions: PositionKind, max_positions: int) -> None:
-        super().__init__(vocab_size=vocab_size, d_model=d_model, positions=positions,
-                         max_positions=max_positions, dropout=dropout)
-        self.layers = nn.ModuleList(
-            EncoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
-            for _ in range(layers))
-        self.norm = nn.LayerNorm(d_model)
+    layer_type = EncoderLayer
 
     def forward(self, src: Tensor, mask: Tensor) -> Tensor:
         """src (B, S) long, mask (B, S) -> outputs (B, S, D)."""
@@ -108,22 +109,21 @@ class TransformerEncoder(_Embed):
         return self.norm(x)
 
 
-class TransformerDecoder(_Embed):
+class TransformerDecoder(_Stack):
     """Embedding + positions, L pre-norm decoder layers, final LayerNorm, output projection.
 
     `embed`, `step`, `logits` and `output` mirror `nmt.model.decoder.Decoder`, which is what
     `nmt.shortlist.ShortlistModel` calls.
     """
 
+    layer_type = DecoderLayer
+
     def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
                  dropout: float, positions: PositionKind, max_positions: int,
                  tie_embeddings: bool) -> None:
-        super().__init__(vocab_size=vocab_size, d_model=d_model, positions=positions,
-                         max_positions=max_positions, dropout=dropout)
-        self.layers = nn.ModuleList(
-            DecoderLayer(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
-            for _ in range(layers))
-        self.norm = nn.LayerNorm(d_model)
+        super().__init__(vocab_size=vocab_size, d_model=d_model, layers=layers, heads=heads,
+                         ff_dim=ff_dim, dropout=dropout, positions=positions,
+                         max_positions=max_positions)
         self.output = nn.Linear(d_model, vocab_size)
         if tie_embeddings:
             self.output.weight = self.embedding.weight
@@ -177,33 +177,19 @@ class TransformerDecoder(_Embed):
         return self.norm(x), torch.stack(keys, dim=1), torch.stack(values, dim=1), weights
 
 
-class Transformer(nn.Module):
+class Transformer(EncoderDecoder):
     """Transformer encoder-decoder with the `Seq2Seq` interface (forward, encode, init_state,
     step); plain PyTorch, no training-stack imports."""
 
+    encoder: TransformerEncoder
+    decoder: TransformerDecoder
+
     def __init__(self, encoder: TransformerEncoder, decoder: TransformerDecoder) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.decoder = decoder
-
-    @property
-    def src_vocab_size(self) -> int:
-        return self.encoder.embedding.num_embeddings
-
-    @property
-    def trg_vocab_size(self) -> int:
-        return self.decoder.embedding.num_embeddings
+        super().__init__(encoder, decoder)
 
     def encode(self, src: Tensor, src_lengths: Tensor) -> TransformerEncoderOutput:
         """src (B, S) long (PAD after each sentence), src_lengths (B,) long in [1, S]."""
-        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"))
-        check_dtype("src", src, torch.long)
-        check_dtype("src_lengths", src_lengths, torch.long)
-        if not torch.compiler.is_compiling():
-            low, high = int(src_lengths.min()), int(src_lengths.max())
-            if low < 1 or high > src.size(1):
-                raise ValueError(f"src_lengths: expected values in [1, {src.size(1)}] "
-                                 f"(S of src), got min {low}, max {high}")
+        self.check_source(src, src_lengths)
         mask = torch.arange(src.size(1), device=src.device)[None, :] < src_lengths[:, None]
         return TransformerEncoderOutput(self.encoder(src, mask), mask)
 
@@ -218,17 +204,6 @@ class Transformer(nn.Module):
         features, state, weights = self.decoder.step(state, self.decoder.embed(prev_tokens))
         return self.decoder.logits(features).log_softmax(dim=-1), state, weights
 
-    def forward(self, src: Tensor, src_lengths: Tensor, trg_in: Tensor) -> Tensor:
-        """Teacher-forced raw logits (B, T, V) for trg_in (B, T) = BOS y_1 .. y_{T-1}, PAD after.
-
-        Positions after a sentence's end are garbage for the loss to ignore (target PAD).
-        """
-        check_shapes(("src", src, "B S"), ("src_lengths", src_lengths, "B"),
-                     ("trg_in", trg_in, "B T"))
-        check_dtype("trg_in", trg_in, torch.long)
-        state = self.init_state(self.encode(src, src_lengths))
-        features, _ = self.decoder(state, self.decoder.embed(trg_in))  # (B, T, D)
-        return self.decoder.logits(features)  # (B, T, V)
 
 
 def build_transformer(cfg: ModelConfig, src_vocab_size: int, trg_vocab_size: int) -> Transformer:
