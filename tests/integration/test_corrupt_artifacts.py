@@ -98,7 +98,7 @@ def test_evaluate_stage_names_the_corrupt_file_and_keeps_old_reports(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
         caplog.records[-1].getMessage()]
     message = caplog.records[-1].getMessage()
-    assert message.startswith(start) and message.endswith(rebuild)
+    assert message.startswith(f"ModelFileError: {start}") and message.endswith(rebuild)
     assert (reports / "metrics.json").read_text() == '{"test/bleu": 12.5}\n'
     assert sorted(p.name for p in reports.iterdir()) == ["metrics.json"]
 

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.slow
 
 COPY = ["dvc.yaml", "pipelines", "src", "data/external", "tests/fixtures/tiny", ".dvcignore"]
 DVC = [sys.executable, "-m", "dvc"]
-DATA_STAGES = ("download", "validate", "vectorize")  # the copy's dvc.yaml keeps only these
+# the copy's dvc.yaml keeps only these
+DATA_STAGES = ("check_params", "download", "validate", "vectorize")
 GIT_ID = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
 
@@ -160,6 +161,8 @@ def project(store: Store, tiny_data: dict, tmp_path_factory: pytest.TempPathFact
         shutil.copytree(made / rel, root / rel)
     env = dvc_env(store, root)
     init_repo(root, env, store, "pipeline")
+    run([sys.executable, "pipelines/check_params.py", "--out", "reports/params/checked.txt"],
+        root, env)
     run([*DVC, "commit", "-f", "--with-deps", "vectorize"], root, env)
     status = run([*DVC, "status"], root, env).stdout
     assert "up to date" in status, status
