@@ -5,8 +5,10 @@ Scoring (`nmt.metrics`) is corpus-level sacrebleu (BLEU, chrF, TER) on detokenis
 sentence, see `nmt.data.vectorize`).
 
 Reports (`reports_dir`):
-    metrics.json        test/bleu, test/chrf, test/ter, test/bleu_greedy, speeds, counts and the
-                        sacrebleu signatures (DVC metrics)
+    metrics.json        the headline numbers a user compares (`HEADLINE`: BLEU beam and greedy,
+                        chrF, TER, sentences/s beam and greedy): the DVC metrics
+    details.json        everything else: sacrebleu signatures, counts, decode seconds and
+                        tokens/s, length-cap hits, device, threads, shortlist, precision
     bleu_by_length.csv  BLEU (beam and greedy) per source-length bucket (DVC plot)
     samples.md          the tutorial's examples plus a fixed random sample with references
     hypotheses.txt      best beam hypothesis per distinct test source, in split order
@@ -192,7 +194,7 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
     """Decode and score the test split, write `reports_dir`, log all of it to the train run.
 
     The decoding settings come from `cfg.search` (params.yaml), the model's maximum source length
-    from the model folder's own config. Returns the metrics written to metrics.json.
+    from the model folder's own config. Returns every metric (metrics.json + details.json).
     Raises FileNotFoundError (model folder, run.json or test split missing) and
     tracking.TrackingError (store unreachable) before anything is decoded.
     """
@@ -223,7 +225,9 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
     picked = _sample_indices(len(sources), cfg.sample_size, seed)
     ex_out = (decode(translator, examples, beam_size), decode(translator, examples, 1))
     reports_dir.mkdir(parents=True, exist_ok=True)
-    write_json(reports_dir / "metrics.json", metrics)
+    write_json(reports_dir / "metrics.json", {k: metrics[k] for k in HEADLINE})
+    write_json(reports_dir / "details.json",
+               {k: v for k, v in metrics.items() if k not in HEADLINE})
     _write_csv(reports_dir / "bleu_by_length.csv", by_length)
     write_text(reports_dir / "samples.md", samples_markdown(
         examples, ex_out, sources, references, picked, (beam, greedy), beam_size, seed))
@@ -236,6 +240,11 @@ def evaluate(cfg: EvaluateConfig, seed: int, model_dir: Path, processed_dir: Pat
              metrics["test/bleu"], metrics["test/bleu_greedy"], metrics["test/chrf"],
              metrics["test/ter"], metrics["test/sentences_per_s"])
     return metrics
+
+
+# what `dvc metrics show` / `dvc exp show` list for the evaluate stage (metrics.json)
+HEADLINE = ("test/bleu", "test/bleu_greedy", "test/chrf", "test/ter", "test/sentences_per_s",
+            "test/sentences_per_s_greedy")
 
 
 def _describe(shortlist: Shortlist | None) -> str:

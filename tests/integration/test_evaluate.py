@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from nmt.data.vectorize import load_split
+from nmt.evaluation import HEADLINE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +37,11 @@ def test_evaluate_writes_reports_and_logs_to_the_train_run(tiny_trained: dict,
     reports = tmp_path / "reports/evaluate"
     assert evaluate_stage.main(_args(tiny_trained, reports)) == 0
 
-    metrics = json.loads((reports / "metrics.json").read_text(encoding="utf-8"))
+    headline = json.loads((reports / "metrics.json").read_text(encoding="utf-8"))
+    assert tuple(headline) == HEADLINE  # the DVC metrics: what a user compares, nothing else
+    details = json.loads((reports / "details.json").read_text(encoding="utf-8"))
+    assert not set(headline) & set(details)
+    metrics = {**headline, **details}
     for key in ("test/bleu", "test/chrf", "test/ter", "test/bleu_greedy", "test/chrf_greedy",
                 "test/sentences_per_s", "test/tokens_per_s", "test/sentences_per_s_greedy",
                 "test/hit_max_len", "test/hit_max_len_greedy", "test/truncated"):
@@ -66,7 +71,8 @@ def test_evaluate_writes_reports_and_logs_to_the_train_run(tiny_trained: dict,
     assert "val/loss" in run.data.metrics  # the same run as training
     assert run.data.tags["sacrebleu/bleu"] == metrics["signature/bleu"]
     assert run.info.status == "FINISHED"
-    assert {"reports/evaluate/metrics.json", "reports/evaluate/samples.md",
+    assert {"reports/evaluate/metrics.json", "reports/evaluate/details.json",
+            "reports/evaluate/samples.md",
             "reports/evaluate/bleu_by_length.csv", "reports/evaluate/hypotheses.txt",
             "reports/evaluate/attention/00.png"} <= _artifacts(client, run_id, "reports")
 
