@@ -186,3 +186,20 @@ def tiny_trained(tiny_data: dict[str, Path],
                                  "--processed", str(paths["processed"]),
                                  "--out", str(Path(paths["model_dir"]) / "shortlist.npz")]) == 0
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU's bf16 units, faked absent or present (nmt.precision reads them for training and
+# decoding)
+@pytest.fixture()
+def no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nmt.precision
+
+    monkeypatch.setattr(nmt.precision, "cpu_bf16_flags", lambda: [])
+
+
+@pytest.fixture()
+def amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nmt.precision
+
+    monkeypatch.setattr(nmt.precision, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])

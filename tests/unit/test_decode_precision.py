@@ -9,7 +9,6 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-import nmt.precision as hw
 from nmt.config import ConfigError, ModelConfig, SearchConfig, TransformerConfig, _build
 from nmt.data.vocab import CharTokenizer
 from nmt.decode_precision import Fp32LogProbs, bf16_copy, resolve_decode_precision
@@ -44,16 +43,6 @@ class PartialParams:
     """Just `evaluate.search` of a config file, read like `nmt.config.load_config_file` does."""
 
     evaluate: _Evaluate
-
-
-@pytest.fixture()
-def no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hw, "cpu_bf16_flags", lambda: [])
-
-
-@pytest.fixture()
-def amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hw, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
 
 
 def _translator(cfg: ModelConfig = CFG, precision: str = "fp32") -> Translator:

@@ -13,16 +13,6 @@ from nmt.config import ConfigError
 from nmt.precision import cpu_bf16_flags, resolve_precision
 
 
-@pytest.fixture()
-def no_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: [])
-
-
-@pytest.fixture()
-def amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
-
-
 def test_cpu_without_bf16_units_auto_is_fp32_with_one_warning(
         no_bf16: None, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="nmt.precision"):
