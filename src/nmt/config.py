@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from nmt.beam_rule import MAX_BEAM_SIZE, beam_problem
+
 T = TypeVar("T")
 
 
@@ -41,30 +43,6 @@ DECODE_PRECISIONS = ("auto", "fp32", "bf16")  # evaluate.search.precision (`nmt.
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(key, message)
-
-
-# Widest beam the config and `nmt translate --beam` accept. A beam step holds a few score
-# tensors of batch x K x V floats: at evaluate.search.batch_size 128 and V = 8,000 that is
-# 262 MB each at K = 64 (already well past where a wider beam stops helping), 614 MB at 150.
-# The search itself works for any K (see nmt.model.search); REST requests have their own,
-# lower limit (nmt.serving.MAX_BEAM).
-MAX_BEAM_SIZE = 64
-
-
-def beam_problem(beam_size: int, nbest: int,
-                 max_beam: int | None = MAX_BEAM_SIZE) -> tuple[str, str] | None:
-    """The one rule for a beam width and an n-best size, used by every caller that takes them.
-
-    1 <= beam_size <= max_beam (None: no upper bound) and 1 <= nbest <= beam_size. Returns
-    ("beam_size" or "nbest", what is wrong) for the first broken bound, else None; the caller
-    names the key its user wrote (a params key, a CLI flag, a request parameter).
-    """
-    if beam_size < 1 or (max_beam is not None and beam_size > max_beam):
-        allowed = "must be >= 1" if max_beam is None else f"must be in [1, {max_beam}]"
-        return "beam_size", f"{allowed}, got {beam_size}"
-    if not 1 <= nbest <= beam_size:
-        return "nbest", f"must be in [1, beam_size={beam_size}], got {nbest}"
-    return None
 
 
 def check_beam(beam_size: int, nbest: int, max_beam: int | None = MAX_BEAM_SIZE,
@@ -169,6 +147,10 @@ class TransformerConfig:
     dropout: float
     positions: Literal["sinusoidal", "learned"]
     max_positions: int
+    # defaults: model folders written before these keys load with 0 (dropout is off there)
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+
 
     def __post_init__(self) -> None:
         p = "model.transformer"
@@ -179,8 +161,9 @@ class TransformerConfig:
                  f"must be a multiple of {p}.heads={self.heads}, got {self.d_model}")
         _require(self.positions != "sinusoidal" or self.d_model % 2 == 0, f"{p}.d_model",
                  f"must be even for sinusoidal positions, got {self.d_model}")
-        _require(0.0 <= self.dropout < 1.0, f"{p}.dropout", f"must be in [0, 1), got "
-                                                          f"{self.dropout}")
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, f"{p}.{name}",
+                     f"must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -367,7 +367,7 @@ def test_beam_wider_than_each_sentences_shortlist() -> None:
                                              (200, 200), (-1, -1)])
 def test_search_argument_rule_is_the_config_rule_without_upper_bound(beam: int,
                                                                      nbest: int) -> None:
-    # search.py ships without nmt.config (portable export), so it keeps its own copy of the rule
+    # one rule (nmt.beam_rule) for params, the CLI and the search; the search has no upper bound
     from nmt.config import beam_problem
 
     model = make_model()

@@ -143,10 +143,39 @@ def test_learned_positions_beyond_the_table_name_the_key() -> None:
         model.encode(src, lengths)
 
 
+def test_fused_attention_equals_the_explicit_softmax_under_masks() -> None:
+    # training runs the fused kernel (no weights), decoding the explicit softmax (weights back)
+    from nmt.model.transformer_layers import MultiHeadAttention
+
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(d_model=8, heads=2, dropout=0.0).eval()
+    x, memory = torch.randn(3, 5, 8), torch.randn(3, 7, 8)
+    allowed = (torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None])[:, None, :]
+    causal = (torch.arange(5)[None, :] <= torch.arange(5)[:, None])[None]
+    for queries, keys, mask in ((x, memory, allowed), (x, x, causal)):
+        explicit, weights = attn(queries, *attn.project_kv(keys), mask, need_weights=True)
+        fused, none = attn(queries, *attn.project_kv(keys), mask, need_weights=False)
+        torch.testing.assert_close(fused, explicit)
+        assert none is None and weights is not None
+        assert torch.all(weights.masked_select(~mask.expand_as(weights)) == 0)
+
+
+@pytest.mark.parametrize("kind", ["attention_dropout", "activation_dropout", "dropout"])
+def test_each_dropout_applies_in_training_only(kind: str) -> None:
+    torch.manual_seed(0)
+    model = make_model(**{"dropout": 0.0, kind: 0.5})
+    src, lengths, trg_in = make_batch()
+    torch.testing.assert_close(model(src, lengths, trg_in), model(src, lengths, trg_in))
+    model.train()
+    assert not torch.allclose(model(src, lengths, trg_in), model(src, lengths, trg_in))
+
+
 @pytest.mark.parametrize(("override", "key", "words"), [
     ({"heads": 3}, "model.transformer.d_model", "multiple of model.transformer.heads=3"),
     ({"heads": 0}, "model.transformer.heads", ">= 1"),
     ({"dropout": 1.0}, "model.transformer.dropout", "[0, 1)"),
+    ({"attention_dropout": -0.1}, "model.transformer.attention_dropout", "[0, 1)"),
+    ({"activation_dropout": 1.0}, "model.transformer.activation_dropout", "[0, 1)"),
     ({"positions": "rotary"}, "model.transformer.positions", "'sinusoidal', 'learned'"),
     ({"d_model": 7, "heads": 1}, "model.transformer.d_model", "even"),
     ({"layer": 2}, "model.transformer.layer", "unknown key"),

@@ -33,7 +33,7 @@ only the sentences still decoding; beam search runs its first step on one row pe
 This halves the rows the decoder runs on the test split and changes no result beyond the last
 bits of the matrix products (which depend on the batch size).
 
-Dependencies: torch and `nmt.specials` only, imported relatively, because the export stage ships
+Dependencies: torch, `nmt.specials` and `nmt.beam_rule` only, imported relatively, because the export stage ships
 this file unchanged beside its programs (`nmt.export.programs.write_search_code`) and the portable
 runner drives it with the exported encoder and decoder-step programs: eager decoding and the
 export run the same search. A model is anything with the `StepModel` protocol (encode,
@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 
 # relative: this file is shipped with the portable export, outside the `nmt` package
+from ..beam_rule import beam_problem
 from ..specials import BOS_ID, EOS_ID, PAD_ID
 
 NEG_INF = float("-inf")
@@ -400,11 +401,9 @@ def _trim_attention(attn: Tensor, gen_len: Tensor, src_lengths: Tensor) -> list[
 
 def _check_args(*, beam_size: int, nbest: int, length_penalty: float, max_len_ratio: float,
                 max_len_offset: int) -> None:
-    # The rule of nmt.config.beam_problem without an upper bound (any width works here); this
-    # file is shipped without nmt.config, and a test keeps the two in step.
+    problem = beam_problem(beam_size, nbest, max_beam=None)  # the search takes any width
     checks = [
-        (beam_size >= 1, "beam_size", f"must be >= 1, got {beam_size}"),
-        (1 <= nbest <= beam_size, "nbest", f"must be in [1, beam_size={beam_size}], got {nbest}"),
+        (problem is None, *(problem or ("", ""))),
         (length_penalty >= 0, "length_penalty", f"must be >= 0, got {length_penalty}"),
         (max_len_ratio > 0, "max_len_ratio", f"must be > 0, got {max_len_ratio}"),
         (max_len_offset >= 0, "max_len_offset", f"must be >= 0, got {max_len_offset}"),

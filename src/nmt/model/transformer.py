@@ -80,14 +80,17 @@ class _Stack(nn.Module):
     layer_type: type[EncoderLayer] | type[DecoderLayer]
 
     def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
-                 dropout: float, positions: PositionKind, max_positions: int) -> None:
+                 dropout: float, attention_dropout: float, activation_dropout: float,
+                 positions: PositionKind, max_positions: int) -> None:
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=PAD_ID)
         self.positions = Positions(kind=positions, d_model=d_model, max_positions=max_positions)
         self.scale = d_model ** 0.5
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(
-            self.layer_type(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout)
+            self.layer_type(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout,
+                            attention_dropout=attention_dropout,
+                            activation_dropout=activation_dropout)
             for _ in range(layers))
         self.norm = nn.LayerNorm(d_model)
 
@@ -119,10 +122,11 @@ class TransformerDecoder(_Stack):
     layer_type = DecoderLayer
 
     def __init__(self, *, vocab_size: int, d_model: int, layers: int, heads: int, ff_dim: int,
-                 dropout: float, positions: PositionKind, max_positions: int,
-                 tie_embeddings: bool) -> None:
+                 dropout: float, attention_dropout: float, activation_dropout: float,
+                 positions: PositionKind, max_positions: int, tie_embeddings: bool) -> None:
         super().__init__(vocab_size=vocab_size, d_model=d_model, layers=layers, heads=heads,
-                         ff_dim=ff_dim, dropout=dropout, positions=positions,
+                         ff_dim=ff_dim, dropout=dropout, attention_dropout=attention_dropout,
+                         activation_dropout=activation_dropout, positions=positions,
                          max_positions=max_positions)
         self.output = nn.Linear(d_model, vocab_size)
         if tie_embeddings:
@@ -157,21 +161,27 @@ class TransformerDecoder(_Stack):
                             self_v=torch.cat([state.self_v, new_v], dim=2))
         return features[:, 0], new_state, weights[:, 0]
 
-    def forward(self, state: TransformerState, emb: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher forcing: emb (B, T, D) of BOS y_1 .. y_{T-1} -> features (B, T, D), weights
-        (B, T, S); the causal mask makes position t see positions <= t only."""
-        features, _, _, weights = self._run(state, emb)
+    def forward(self, state: TransformerState, emb: Tensor,
+                need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Teacher forcing: emb (B, T, D) of BOS y_1 .. y_{T-1} -> features (B, T, D), and the
+        last layer's cross-attention weights (B, T, S) only with `need_weights` (else None:
+        training never reads them, and without them every attention runs the fused kernel);
+        the causal mask makes position t see positions <= t only."""
+        features, _, _, weights = self._run(state, emb, need_weights)
         return features, weights
 
-    def _run(self, state: TransformerState,
-             emb: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """T positions after the cached ones -> features, new keys/values (B, L, T, D), weights."""
+    def _run(self, state: TransformerState, emb: Tensor,
+             need_weights: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """T positions after the cached ones -> features, new keys/values (B, L, T, D), the
+        last layer's cross-attention weights (B, T, S) (None without `need_weights`)."""
         x = self.add_positions(emb, state.position)  # (B, T, D)
         src_allowed = state.mask[:, None, :]  # (B, 1, S)
-        keys, values, weights = [], [], x.new_zeros(0)
+        keys, values, weights = [], [], None
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             x, k, v, weights = layer(x, state.self_k[:, i], state.self_v[:, i],
-                                     state.cross_k[:, i], state.cross_v[:, i], src_allowed)
+                                     state.cross_k[:, i], state.cross_v[:, i], src_allowed,
+                                     need_weights=need_weights and i == last)
             keys.append(k)
             values.append(v)
         return self.norm(x), torch.stack(keys, dim=1), torch.stack(values, dim=1), weights
@@ -210,7 +220,9 @@ def build_transformer(cfg: ModelConfig, src_vocab_size: int, trg_vocab_size: int
     """`model` params (arch transformer) -> an initialised `Transformer`."""
     tf = cfg.transformer
     sizes = dict(d_model=tf.d_model, layers=tf.layers, heads=tf.heads, ff_dim=tf.ff_dim,
-                 dropout=tf.dropout, positions=tf.positions, max_positions=tf.max_positions)
+                 dropout=tf.dropout, attention_dropout=tf.attention_dropout,
+                 activation_dropout=tf.activation_dropout, positions=tf.positions,
+                 max_positions=tf.max_positions)
     model = Transformer(TransformerEncoder(vocab_size=src_vocab_size, **sizes),
                         TransformerDecoder(vocab_size=trg_vocab_size,
                                            tie_embeddings=cfg.tie_embeddings, **sizes))

@@ -4,6 +4,14 @@ Pre-norm (Xiong et al., 2020): every sublayer reads LayerNorm(x) and adds its dr
 to the residual stream x, so the stack needs a final LayerNorm (in `nmt.model.transformer`).
 Keys and values are projected apart from the attention itself (`MultiHeadAttention.project_kv`),
 so the decoder can cache them: the encoder's per layer once per sentence, its own per position.
+Dropout on the feed-forward's inner activations (`activation_dropout`) is 0 by default too, as
+in fairseq: on CPU a dropout mask costs about as much as a matrix product of the same size, and
+the inner activations are the largest tensors of a layer.
+Attention runs PyTorch's fused `scaled_dot_product_attention` wherever its weights are not
+needed (all self-attention; cross-attention in teacher-forced training), and the explicit
+softmax where the search wants the weights back (cross-attention during decoding). Dropout on
+the attention weights (`attention_dropout`) is 0 by default, as in fairseq: with it the fused
+kernel applies on CPU, and training runs faster (reports/tuning/transformer_cpu.md).
 Shapes: B batch, S source length, T target positions, D d_model, h heads, d = D / h.
 """
 
@@ -13,6 +21,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 PositionKind = Literal["sinusoidal", "learned"]
@@ -60,29 +69,39 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(d_model, d_model)
         self.value = nn.Linear(d_model, d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout_p = dropout  # on the attention weights
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Memory x (B, S, D) -> keys (B, S, D) and values (B, S, D), heads not split yet."""
         return self.key(x), self.value(x)
 
-    def forward(self, x: Tensor, keys: Tensor, values: Tensor,
-                allowed: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, keys: Tensor, values: Tensor, allowed: Tensor,
+                need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
         """Attend from queries x (B, T, D) over keys/values (B, S, D).
 
         Args:
-            allowed: (B or 1, T or 1, S) bool, True where query t may attend to position s.
+            allowed: (B or 1, T or 1, S) bool, True where query t may attend to position s
+                (every query must be allowed at least one position).
+            need_weights: return the weights (explicit softmax); False runs the fused kernel.
         Returns:
-            output (B, T, D) and the weights averaged over heads (B, T, S) (0 where not allowed).
+            output (B, T, D) and the weights averaged over heads (B, T, S) (0 where not
+            allowed), or None without `need_weights`.
         """
         batch, steps, width = x.shape
         q = self._split(self.query(x))  # (B, h, T, d)
         k, v = self._split(keys), self._split(values)  # (B, h, S, d)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, h, T, S)
-        probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
-        context = self.dropout(probs) @ v  # (B, h, T, d)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, h, T, S)
+            probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+            context = F.dropout(probs, dropout_p, self.training) @ v  # (B, h, T, d)
+            weights: Tensor | None = probs.mean(dim=1)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
+                                                     dropout_p=dropout_p)  # (B, h, T, d)
+            weights = None
         out = self.out(context.transpose(1, 2).reshape(batch, steps, width))  # (B, T, D)
-        return out, probs.mean(dim=1)
+        return out, weights
 
     def _split(self, x: Tensor) -> Tensor:
         """(B, T, D) -> (B, h, T, d)."""
@@ -90,7 +109,7 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise Linear(D, F) -> ReLU -> dropout -> Linear(F, D)."""
+    """Position-wise Linear(D, F) -> ReLU -> dropout (`activation_dropout`) -> Linear(F, D)."""
 
     def __init__(self, *, d_model: int, ff_dim: int, dropout: float) -> None:
         super().__init__()
@@ -106,18 +125,20 @@ class FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     """Pre-norm self-attention then feed-forward, each added to the residual stream."""
 
-    def __init__(self, *, d_model: int, heads: int, ff_dim: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, heads: int, ff_dim: int, dropout: float,
+                 attention_dropout: float = 0.0, activation_dropout: float = 0.0) -> None:
         super().__init__()
         self.norm_self = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.self_attn = MultiHeadAttention(d_model=d_model, heads=heads,
+                                            dropout=attention_dropout)
         self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
+        self.ff = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=activation_dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, allowed: Tensor) -> Tensor:
         """x (B, S, D), allowed (B, 1, S) True on real source tokens -> (B, S, D)."""
         h = self.norm_self(x)
-        out, _ = self.self_attn(h, *self.self_attn.project_kv(h), allowed)
+        out, _ = self.self_attn(h, *self.self_attn.project_kv(h), allowed, need_weights=False)
         x = x + self.dropout(out)
         return x + self.dropout(self.ff(self.norm_ff(x)))
 
@@ -125,18 +146,22 @@ class EncoderLayer(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm causal self-attention, cross-attention, feed-forward."""
 
-    def __init__(self, *, d_model: int, heads: int, ff_dim: int, dropout: float) -> None:
+    def __init__(self, *, d_model: int, heads: int, ff_dim: int, dropout: float,
+                 attention_dropout: float = 0.0, activation_dropout: float = 0.0) -> None:
         super().__init__()
         self.norm_self = nn.LayerNorm(d_model)
-        self.self_attn = MultiHeadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.self_attn = MultiHeadAttention(d_model=d_model, heads=heads,
+                                            dropout=attention_dropout)
         self.norm_cross = nn.LayerNorm(d_model)
-        self.cross_attn = MultiHeadAttention(d_model=d_model, heads=heads, dropout=dropout)
+        self.cross_attn = MultiHeadAttention(d_model=d_model, heads=heads,
+                                             dropout=attention_dropout)
         self.norm_ff = nn.LayerNorm(d_model)
-        self.ff = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=dropout)
+        self.ff = FeedForward(d_model=d_model, ff_dim=ff_dim, dropout=activation_dropout)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, past_k: Tensor, past_v: Tensor, cross_k: Tensor,
-                cross_v: Tensor, src_allowed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                cross_v: Tensor, src_allowed: Tensor,
+                need_weights: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """T new positions after T0 cached ones.
 
         Args:
@@ -145,9 +170,10 @@ class DecoderLayer(nn.Module):
                 (B, T0, D); T0 = 0 for teacher forcing.
             cross_k, cross_v: this layer's projections of the encoder output (B, S, D).
             src_allowed: (B, 1, S) True on real source tokens.
+            need_weights: compute the cross-attention weights (False: fused kernel, None).
         Returns:
             x (B, T, D), the keys and values of the new positions (B, T, D) each, and the
-            cross-attention weights (B, T, S).
+            cross-attention weights (B, T, S) or None.
         """
         past, steps = past_k.size(1), x.size(1)
         h = self.norm_self(x)
@@ -155,8 +181,9 @@ class DecoderLayer(nn.Module):
         keys, values = torch.cat([past_k, new_k], dim=1), torch.cat([past_v, new_v], dim=1)
         query_pos = torch.arange(steps, device=x.device)[:, None] + past  # (T, 1)
         causal = torch.arange(past + steps, device=x.device)[None, :] <= query_pos  # (T, T0+T)
-        out, _ = self.self_attn(h, keys, values, causal[None])
+        out, _ = self.self_attn(h, keys, values, causal[None], need_weights=False)
         x = x + self.dropout(out)
-        out, weights = self.cross_attn(self.norm_cross(x), cross_k, cross_v, src_allowed)
+        out, weights = self.cross_attn(self.norm_cross(x), cross_k, cross_v, src_allowed,
+                                       need_weights)
         x = x + self.dropout(out)
         return x + self.dropout(self.ff(self.norm_ff(x))), new_k, new_v, weights

@@ -1,0 +1,92 @@
+"""Short sweep of the real train stage: one `pipelines/train.py` run per named set of overrides.
+
+Each run trains from the same `data/processed` with `params.yaml` plus the sweep's `common`
+overrides plus its own (deep-merged, like the stage's `--profile`), into its own folder under
+`--out` with its own MLflow store, so nothing of the project's models or runs is touched. One
+JSON line per run: the overrides, the stage's `metrics.json` (val/loss, val/bleu, steps,
+tokens/s, wall seconds) and the CPU. Runs are sequential: on 2 cores two runs at once would time
+each other.
+
+Sweep file (YAML):
+    common: {train: {max_steps: 300, val_every_steps: 300}}
+    runs:
+      t3x256_lr1e-3: {model: {arch: transformer, transformer: {layers: 3}}, train: {lr: 0.001}}
+
+Usage: python bench/sweep.py SWEEP.yaml [--out /tmp/sweep] [--jsonl reports/tuning/x.jsonl]
+                             [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nmt.precision import cpu_bf16_flags, cpu_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in `over` wins."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = (merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def run_one(name: str, overrides: dict[str, Any], out: Path, processed: Path) -> dict[str, Any]:
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    profile = folder / "profile.yaml"
+    profile.write_text(yaml.safe_dump(overrides, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    cmd = [sys.executable, str(REPO / "pipelines/train.py"), "--params",
+           str(REPO / "params.yaml"), "--profile", str(profile), "--processed", str(processed),
+           "--model-dir", str(folder / "model"), "--reports", str(folder / "reports")]
+    start = time.perf_counter()
+    with (folder / "train.log").open("w", encoding="utf-8") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            check=False).returncode
+    row: dict[str, Any] = {"name": name, "overrides": overrides, "rc": rc,
+                           "stage_s": round(time.perf_counter() - start, 1)}
+    metrics = folder / "reports" / "metrics.json"
+    if rc == 0 and metrics.is_file():
+        row["metrics"] = json.loads(metrics.read_text(encoding="utf-8"))
+    else:
+        row["log_tail"] = (folder / "train.log").read_text(encoding="utf-8")[-2000:]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/nmt-sweep"))
+    parser.add_argument("--processed", type=Path, default=REPO / "data/processed")
+    parser.add_argument("--jsonl", type=Path, help="also append each line to this file")
+    parser.add_argument("--only", nargs="*", help="run only these names")
+    args = parser.parse_args()
+    spec = yaml.safe_load(args.sweep.read_text(encoding="utf-8"))
+    cpu = {"model_name": cpu_name(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count()}
+    for name, overrides in spec["runs"].items():
+        if args.only and name not in args.only:
+            continue
+        row = {**run_one(name, merge(spec.get("common", {}), overrides or {}), args.out,
+                         args.processed.resolve()), "cpu": cpu}
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.jsonl:
+            with args.jsonl.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
