@@ -46,8 +46,8 @@ RUNNER_FILE = "translate.py"
 TOKENIZERS = "tokenizers"  # in out_dir; the runner reads it by this name
 # `nmt` modules the runner imports from `nmt_portable/` (torch, numpy, sentencepiece and the
 # standard library only; they import each other relatively).
-SHIPPED_MODULES = ("text.py", "specials.py", "beam_rule.py", "io.py", "model/search.py", "data/padding.py",
-                   "data/vocab.py")
+SHIPPED_MODULES = ("text.py", "specials.py", "beam_rule.py", "io.py", "model/search.py",
+                   "data/padding.py", "data/vocab.py")
 # The state tuple of `EncoderProgram` / `DecoderStepProgram` (runner.json "state": see the runner).
 STATE_LAYOUT = {"names": ["hidden", "cell", "attn_vec", "enc_out", "mask", "keys"],
                 "row_dims": [1, 1, 0, 0, 0, 0], "stepped": 3}

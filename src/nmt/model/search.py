@@ -33,12 +33,13 @@ only the sentences still decoding; beam search runs its first step on one row pe
 This halves the rows the decoder runs on the test split and changes no result beyond the last
 bits of the matrix products (which depend on the batch size).
 
-Dependencies: torch, `nmt.specials` and `nmt.beam_rule` only, imported relatively, because the export stage ships
-this file unchanged beside its programs (`nmt.export.programs.write_search_code`) and the portable
-runner drives it with the exported encoder and decoder-step programs: eager decoding and the
-export run the same search. A model is anything with the `StepModel` protocol (encode,
-init_state, step) whose state has the `SearchState` protocol (row selection); a new architecture
-needs only those, not a search of its own.
+Dependencies: torch, `nmt.specials` and `nmt.beam_rule` only, imported relatively, because the
+export stage ships this file unchanged beside its programs
+(`nmt.export.programs.write_search_code`) and the portable runner drives it with the exported
+encoder and decoder-step programs: eager decoding and the export run the same search. A model
+is anything with the `StepModel` protocol (encode, init_state, step) whose state has the
+`SearchState` protocol (row selection); a new architecture needs only those, not a search of
+its own.
 
 Size: one module past the ~300-line guideline on purpose: the portable export ships it as one
 file (see above), so splitting it would ship several and couple the runner to their layout.
