@@ -151,7 +151,6 @@ class TransformerConfig:
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
 
-
     def __post_init__(self) -> None:
         p = "model.transformer"
         for name in ("layers", "heads", "d_model", "ff_dim", "max_positions"):

@@ -402,9 +402,9 @@ def _trim_attention(attn: Tensor, gen_len: Tensor, src_lengths: Tensor) -> list[
 
 def _check_args(*, beam_size: int, nbest: int, length_penalty: float, max_len_ratio: float,
                 max_len_offset: int) -> None:
-    problem = beam_problem(beam_size, nbest, max_beam=None)  # the search takes any width
+    if problem := beam_problem(beam_size, nbest, max_beam=None):  # the search takes any width
+        raise ValueError(f"{problem[0]}: {problem[1]}")
     checks = [
-        (problem is None, *(problem or ("", ""))),
         (length_penalty >= 0, "length_penalty", f"must be >= 0, got {length_penalty}"),
         (max_len_ratio > 0, "max_len_ratio", f"must be > 0, got {max_len_ratio}"),
         (max_len_offset >= 0, "max_len_offset", f"must be >= 0, got {max_len_offset}"),
