@@ -13,7 +13,8 @@ Prepare the carry folder (default `.gpu/`, git-ignored; `GPU_CARRY` overrides) o
     splits.npz  per split: <split>_src / _trg (flat int16 ids), _src_len / _trg_len, _group
     <split>_text.json  {"en": [...], "fr": [...]}
     tokenizers/ copy of data/processed/tokenizers
-then run `OUT=<folder> GPU_MINUTES=5 python3 bench/gpu_check.py` there; it writes
+then run `OUT=<folder> GPU_MINUTES=5 python3 bench/gpu_check.py` there (`GPU_ARCH=transformer`
+for the Transformer profile, reports/gpu/params_gpu_transformer.yaml); it writes
 <OUT>/gpu_check.json, <OUT>/reports/ (history.csv, metrics.json, samples.md). `GPU_DRYRUN=1`
 checks the plumbing on a CPU with a tiny model. Results: reports/gpu/.
 """
@@ -148,16 +149,28 @@ if not (PROCESSED / "tokenizers").exists():
     shutil.copytree(HERE / "tokenizers", PROCESSED / "tokenizers")
 MODEL_DIR = Path("/tmp/gpu_models")
 MINUTES = float(os.environ.get("GPU_MINUTES", "5"))
+ARCH = os.environ.get("GPU_ARCH", "rnn")  # rnn | transformer: which GPU profile
 GPU_PROFILE = {
     "train": {"accelerator": "gpu", "precision": "bf16-mixed", "batch_tokens": 12000,
               "max_minutes": MINUTES, "max_steps": -1, "max_epochs": 30, "num_threads": 0},
     "model": {"rnn": "lstm", "input_feeding": True, "hidden": 512, "emb_dim": 512},
 }
+if ARCH == "transformer":  # reports/gpu/params_gpu_transformer.yaml (not yet run on a GPU)
+    GPU_PROFILE = {
+        "train": {**GPU_PROFILE["train"], "lr": 0.001, "warmup_steps": 1000},
+        "model": {"arch": "transformer", "transformer": {
+            "layers": 6, "heads": 8, "d_model": 512, "ff_dim": 2048, "dropout": 0.1,
+            "attention_dropout": 0.1, "activation_dropout": 0.1}},
+    }
+elif ARCH != "rnn":
+    sys.exit(f"GPU_ARCH={ARCH!r}: use rnn or transformer")
 
 if DRY:
     GPU_PROFILE["train"].update(accelerator="cpu", precision="32-true", num_threads=1,
                                 max_steps=4, val_every_steps=2, val_bleu_sentences=20)
     GPU_PROFILE["model"].update(hidden=32, emb_dim=32)
+    if ARCH == "transformer":
+        GPU_PROFILE["model"]["transformer"].update(layers=1, heads=2, d_model=32, ff_dim=64)
 
 
 @phase("train_gpu_profile")
@@ -166,7 +179,7 @@ def train_phase():
 
     from nmt.config import load_params
     from nmt.training import train
-    prof = OUT / "params_gpu.yaml"
+    prof = OUT / ("params_gpu.yaml" if ARCH == "rnn" else "params_gpu_transformer.yaml")
     prof.write_text(yaml.safe_dump(GPU_PROFILE))
     params = load_params(REPO / "params.yaml", prof)
     res = train(params, PROCESSED, MODEL_DIR, OUT / "reports", repo_root=REPO)

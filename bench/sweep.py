@@ -1,10 +1,11 @@
 """Short sweep of the real train stage: one `pipelines/train.py` run per named set of overrides.
 
 Each run trains from the same `data/processed` with `params.yaml` plus the sweep's `common`
-overrides plus its own (deep-merged, like the stage's `--profile`), into its own folder under
-`--out` with its own MLflow store, so nothing of the project's models or runs is touched. One
-JSON line per run: the overrides, the stage's `metrics.json` (val/loss, val/bleu, steps,
-tokens/s, wall seconds) and the CPU. Runs are sequential: on 2 cores two runs at once would time
+overrides plus its own (deep-merged with `nmt.config.merge`, like the stage's `--profile`; every
+run is checked before the first starts), into its own folder under `--out` with its own MLflow
+store, so nothing of the project's models or runs is touched. One JSON line per run: the
+overrides (the keys whose values differ from params.yaml), the stage's `metrics.json` (val/loss,
+val/bleu, steps, tokens/s, wall seconds) and the CPU. Runs are sequential: on 2 cores two runs at once would time
 each other.
 
 Sweep file (YAML):
@@ -29,17 +30,45 @@ from typing import Any
 
 import yaml
 
+from nmt.config import ConfigError, merge, parse_params, read_yaml
 from nmt.precision import cpu_bf16_flags, cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Deep merge: mappings merge key by key, anything else in `over` wins."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = (merge(out[key], value) if isinstance(value, dict)
-                    and isinstance(out.get(key), dict) else value)
+def plan(spec: dict[str, Any], only: list[str] | None) -> dict[str, dict[str, Any]]:
+    """Each run's overrides (`common` then its own), checked against params.yaml before any run.
+
+    A misspelt key, a bad value or an `--only` name the sweep lacks stops here, naming it, instead
+    of failing (or silently running nothing) after earlier runs have spent their minutes.
+    """
+    runs = spec.get("runs") or {}
+    if missing := sorted(set(only or ()) - set(runs)):
+        raise SystemExit(f"--only: no run named {', '.join(missing)} in the sweep "
+                         f"(it has: {', '.join(runs)})")
+    base = read_yaml(REPO / "params.yaml")
+    planned = {}
+    for name, overrides in runs.items():
+        if only and name not in only:
+            continue
+        try:  # common first, then the run's own keys; both must exist in params.yaml
+            combined = merge(merge(base, spec.get("common") or {}), overrides or {})
+            parse_params(combined)
+        except ConfigError as exc:
+            raise SystemExit(f"sweep run {name!r}: {exc}") from None
+        planned[name] = _diff(combined, base)
+    return planned
+
+
+def _diff(params: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The keys of `params` whose values differ from `base`, as a nested profile."""
+    out = {}
+    for key, value in params.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            if sub := _diff(value, base[key]):
+                out[key] = sub
+        elif value != base.get(key):
+            out[key] = value
     return out
 
 
@@ -76,11 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     spec = yaml.safe_load(args.sweep.read_text(encoding="utf-8"))
     cpu = {"model_name": cpu_name(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count()}
-    for name, overrides in spec["runs"].items():
-        if args.only and name not in args.only:
-            continue
-        row = {**run_one(name, merge(spec.get("common", {}), overrides or {}), args.out,
-                         args.processed.resolve()), "cpu": cpu}
+    for name, overrides in plan(spec, args.only).items():
+        row = {**run_one(name, overrides, args.out, args.processed.resolve()), "cpu": cpu}
         line = json.dumps(row)
         print(line, flush=True)
         if args.jsonl:
