@@ -5,8 +5,8 @@ overrides plus its own (deep-merged with `nmt.config.merge`, like the stage's `-
 run is checked before the first starts), into its own folder under `--out` with its own MLflow
 store, so nothing of the project's models or runs is touched. One JSON line per run: the
 overrides (the keys whose values differ from params.yaml), the stage's `metrics.json` (val/loss,
-val/bleu, steps, tokens/s, wall seconds) and the CPU. Runs are sequential: on 2 cores two runs at once would time
-each other.
+val/bleu, steps, tokens/s, wall seconds) and the CPU. Runs are sequential: on 2 cores two runs
+at once would time each other.
 
 Sweep file (YAML):
     common: {train: {max_steps: 300, val_every_steps: 300}}

@@ -47,8 +47,8 @@ def test_plan_merges_common_then_own_and_keeps_what_differs() -> None:
     finally:
         sys.path.remove(str(REPO / "bench"))
     spec = {"common": {"train": {"max_steps": 300, "lr": 0.0123}},
-            "runs": {"a": {"train": {"lr": 0.002}}, "b": None}}
+            "runs": {"a": {"train": {"lr": 0.0456}}, "b": None}}
     planned = sweep.plan(spec, None)
-    assert planned["a"]["train"] == {"max_steps": 300, "lr": 0.002}
+    assert planned["a"]["train"] == {"max_steps": 300, "lr": 0.0456}
     assert planned["b"] == {"train": {"max_steps": 300, "lr": 0.0123}}
     assert list(sweep.plan(spec, ["b"])) == ["b"]
