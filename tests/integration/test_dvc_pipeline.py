@@ -91,15 +91,15 @@ def test_temp_experiment_tracks_into_the_main_repos_default_store(
     (root / ".gitignore").write_text("mlflow.db\nmlruns/\n__pycache__/\n")
     _run(["git", "add", "-A"], root, env)
     _run(["git", "commit", "-q", "-m", "baseline"], root, env)
-    _run([*dvc, "exp", "run", "--temp", "-n", "temp-lr2", "-S", "train.lr=0.002", "train"],
+    _run([*dvc, "exp", "run", "--temp", "-n", "temp-lr4", "-S", "train.lr=0.004", "train"],
          root, env)
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name(
         yaml.safe_load((root / "params.yaml").read_text())["tracking"]["experiment"])
     assert exp is not None, "no experiment in the main repository's mlflow.db"
-    runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'temp-lr2'")
+    runs = client.search_runs([exp.experiment_id], "tags.dvc_exp_name = 'temp-lr4'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["train.lr"] == "0.002"
+    assert runs[0].data.params["train.lr"] == "0.004"
     assert exp.artifact_location.startswith((root / "mlruns").resolve().as_uri())
     run = runs[0]
     assert run.info.artifact_uri.startswith((root / "mlruns").resolve().as_uri())
