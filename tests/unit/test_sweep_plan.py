@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO
 
 
 def _sweep(tmp_path: Path, runs: dict, *args: str) -> subprocess.CompletedProcess:
