@@ -43,6 +43,8 @@ def plan(spec: dict[str, Any], only: list[str] | None) -> dict[str, dict[str, An
     of failing (or silently running nothing) after earlier runs have spent their minutes.
     """
     runs = spec.get("runs") or {}
+    if not isinstance(runs, dict) or not runs:
+        raise SystemExit("the sweep file has no `runs:` mapping of name -> overrides")
     if missing := sorted(set(only or ()) - set(runs)):
         raise SystemExit(f"--only: no run named {', '.join(missing)} in the sweep "
                          f"(it has: {', '.join(runs)})")
@@ -103,7 +105,12 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, help="also append each line to this file")
     parser.add_argument("--only", nargs="*", help="run only these names")
     args = parser.parse_args()
-    spec = yaml.safe_load(args.sweep.read_text(encoding="utf-8"))
+    if not args.sweep.is_file():
+        raise SystemExit(f"sweep file {args.sweep}: not found")
+    try:
+        spec = read_yaml(args.sweep)
+    except ConfigError as exc:  # not YAML, or not a mapping
+        raise SystemExit(f"sweep file {exc.key}: {exc.reason}") from None
     cpu = {"model_name": cpu_name(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count()}
     for name, overrides in plan(spec, args.only).items():
         row = {**run_one(name, overrides, args.out, args.processed.resolve()), "cpu": cpu}

@@ -52,3 +52,13 @@ def test_plan_merges_common_then_own_and_keeps_what_differs() -> None:
     assert planned["a"]["train"] == {"max_steps": 300, "lr": 0.0456}
     assert planned["b"] == {"train": {"max_steps": 300, "lr": 0.0123}}
     assert list(sweep.plan(spec, ["b"])) == ["b"]
+
+
+def test_a_missing_or_empty_sweep_file_is_one_line(tmp_path: Path) -> None:
+    missing = subprocess.run([sys.executable, str(REPO / "bench/sweep.py"),
+                              str(tmp_path / "nope.yaml")], capture_output=True, text=True,
+                             timeout=120, check=False)
+    assert missing.returncode == 1 and "nope.yaml: not found" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    done = _sweep(tmp_path, {})
+    assert done.returncode == 1 and "no `runs:` mapping" in done.stderr
