@@ -13,12 +13,16 @@ Ours runs once per `--precisions` entry on the same batches: `32-true` (reported
 and `bf16-mixed` (`ours_bf16`: the step under `torch.autocast("cpu", torch.bfloat16)`, as
 Lightning's `bf16-mixed` does; weights, loss and optimizer state fp32), with the bf16/fp32
 ratio; bf16 is skipped on a CPU without bf16 units. `cpu` names the CPU and its bf16 flags.
+Ours runs with the train stage's malloc policy (`nmt.allocator.keep_freed_memory`); with
+`--malloc both` (the default) the fp32 run is repeated with the C library's default malloc
+(`ours_system_malloc`, plus the ratio and each run's page faults and system CPU seconds).
 Each model runs in a forked child so the peak RSS figures are separate. Timings on a shared
 machine are noisy: compare numbers from the same run only.
 
 Usage: python bench/train_throughput.py [--params params.yaml] [--processed data/processed]
                                         [--steps 30] [--warmup 5] [--threads 0]
                                         [--precisions 32-true,bf16-mixed] [--skip-keras]
+                                        [--malloc keep|system|both]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nmt.allocator import keep_freed_memory
 from nmt.config import load_params
 from nmt.data.datamodule import BucketBatchSampler, PairsDataset, lengths_of
 from nmt.data.vectorize import SplitData, load_split
@@ -47,6 +52,11 @@ KERAS_SAMPLES, KERAS_LATENT, KERAS_BATCH = 10_000, 256, 64
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _faults_and_sys() -> tuple[int, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
 
 
 def _synthetic_split(n: int, vocab: int, seed: int) -> SplitData:
@@ -74,7 +84,8 @@ def _timed(step: Any, batches: list[Any], warmup: int) -> dict[str, float]:
 
 
 def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int,
-               precision: str = "32-true") -> dict[str, Any]:
+               precision: str = "32-true", malloc: str = "keep") -> dict[str, Any]:
+    kept = keep_freed_memory() if malloc == "keep" else False
     params = load_params(params_path)
     cfg = params.train
     if (processed / "train.parquet").is_file():
@@ -108,8 +119,13 @@ def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int,
         float(loss.detach())  # the per-step NaN check's sync
         return batch.n_tokens, len(batch.src)
 
+    faults, sys_s = _faults_and_sys()
     timing = _timed(step, batches, warmup)
-    return {"data": source, "precision": precision, "parameters": count_parameters(model),
+    faults_after, sys_after = _faults_and_sys()
+    return {"data": source, "precision": precision, "malloc": "keep" if kept else "system",
+            "page_faults_timed": faults_after - faults,
+            "system_cpu_s_timed": round(sys_after - sys_s, 2),
+            "parameters": count_parameters(model),
             "batch_tokens": cfg.batch_tokens, "mean_sentences_per_batch": round(
                 float(np.mean([len(b.src) for b in batches])), 1),
             **timing, "peak_rss_mb": round(_peak_rss_mb(), 1)}
@@ -212,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", default="32-true,bf16-mixed",
                         help="comma-separated: 32-true and/or bf16-mixed (ours only)")
     parser.add_argument("--skip-keras", action="store_true", help="ours only")
+    parser.add_argument("--malloc", choices=("keep", "system", "both"), default="both",
+                        help="ours with the train stage's malloc policy, the C library's "
+                             "default, or both side by side (fp32)")
     args = parser.parse_args(argv)
     flags = cpu_bf16_flags()
     report: dict[str, Any] = {
@@ -223,8 +242,16 @@ def main(argv: list[str] | None = None) -> int:
             report[key] = "skipped: this CPU has no bf16 units (amx_bf16, avx512_bf16)"
             continue
         report[key] = _in_child(bench_ours, args.threads, args.params, args.processed,
-                                args.steps, args.warmup, precision.strip())
+                                args.steps, args.warmup, precision.strip(),
+                                "system" if args.malloc == "system" else "keep")
     ours, bf16 = report.get("ours"), report.get("ours_bf16")
+    if args.malloc == "both":
+        plain = _in_child(bench_ours, args.threads, args.params, args.processed, args.steps,
+                          args.warmup, "32-true", "system")
+        report["ours_system_malloc"] = plain
+        if isinstance(ours, dict) and ours["malloc"] == "keep":
+            report["malloc_keep_speedup_target_tokens_per_s"] = round(
+                ours["target_tokens_per_s"] / plain["target_tokens_per_s"], 2)
     if isinstance(ours, dict) and isinstance(bf16, dict):
         report["bf16_speedup_target_tokens_per_s"] = round(
             bf16["target_tokens_per_s"] / ours["target_tokens_per_s"], 2)

@@ -49,6 +49,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nmt import tracking
+from nmt.allocator import ENV as ALLOCATOR_ENV
+from nmt.allocator import keep_freed_memory
 from nmt.checkpoint import LAST_CKPT, ModelDir
 from nmt.config import ConfigError, Params, TrainConfig
 from nmt.data.datamodule import TranslationDataModule, bleu_subset
@@ -256,6 +258,9 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
         tracking.check_reachable(tracking.resolve_tracking_uri(params.tracking, repo_root))
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
+    if keep_freed_memory():
+        log.info("malloc: freed tensor memory stays in the process (%s=system to turn off)",
+                 ALLOCATOR_ENV)
     L.seed_everything(params.seed, workers=True, verbose=False)
     dm = TranslationDataModule(processed_dir, cfg, params.seed, cfg.devices * cfg.num_nodes)
     dm.setup("fit")
