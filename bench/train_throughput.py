@@ -85,7 +85,7 @@ def _timed(step: Any, batches: list[Any], warmup: int) -> dict[str, float]:
 
 def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int,
                precision: str = "32-true", malloc: str = "keep") -> dict[str, Any]:
-    kept = keep_freed_memory() if malloc == "keep" else False
+    kept = keep_freed_memory("train") if malloc == "keep" else False
     params = load_params(params_path)
     cfg = params.train
     if (processed / "train.parquet").is_file():

@@ -258,7 +258,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
         tracking.check_reachable(tracking.resolve_tracking_uri(params.tracking, repo_root))
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    if keep_freed_memory():
+    if keep_freed_memory("train"):
         log.info("malloc: freed tensor memory stays in the process (%s=system to turn off)",
                  ALLOCATOR_ENV)
     L.seed_everything(params.seed, workers=True, verbose=False)

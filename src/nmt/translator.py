@@ -29,7 +29,6 @@ truncation and UNK accounting) all act on the same decoding call; the search its
 from __future__ import annotations
 
 import copy
-import ctypes
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from nmt.allocator import keep_freed_memory
 from nmt.checkpoint import ModelDir
 from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
@@ -133,34 +133,6 @@ class _Encoded:
     unk_count: int
 
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-_ALLOCATOR_TUNED = False
-
-
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
-    """Let glibc reuse freed blocks instead of handing them back to the OS (process-wide, once).
-
-    Each decoder step allocates and frees several score tensors of up to rows x V floats
-    (640 x 8,000 = 20 MB at batch 128, beam 5). With glibc's defaults such blocks go back to the
-    OS on free and come back as fresh zeroed pages on the next step: on the test split that was
-    1.4 million page faults and about 10% of beam search time. Serving blocks below 32 MiB from
-    the heap and trimming the heap only above 256 MiB free cuts the faults ~12x. Costs up to
-    256 MiB of freed memory kept by the process. Returns False where glibc's `mallopt` is not
-    available (macOS, Windows, musl); nothing changes there.
-    """
-    global _ALLOCATOR_TUNED
-    if _ALLOCATOR_TUNED:
-        return True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = (libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
-              and libc.mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1)
-    except (OSError, AttributeError):
-        return False
-    _ALLOCATOR_TUNED = ok
-    return ok
-
-
 class Translator:
     """Batched translation with a trained `Seq2Seq` and its tokenizers.
 
@@ -180,7 +152,7 @@ class Translator:
         if max_src_tokens < 1:
             raise ValueError(f"max_src_tokens: must be >= 1, got {max_src_tokens}")
         self.model = model.eval()
-        keep_freed_memory()
+        keep_freed_memory("decode")
         self.src_tok, self.trg_tok = src_tok, trg_tok
         self.search = search
         self.max_src_tokens = max_src_tokens

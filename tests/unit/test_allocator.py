@@ -17,14 +17,14 @@ from nmt.allocator import ENV
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 
-# Four untimed, then three counted SGD steps of a 256 -> 8,000 output layer on 1,500 rows: the logits and their gradient are
-# 48 MB each, above glibc's largest mmap threshold (32 MiB).
+# Four untimed, then three counted SGD steps of a 256 -> 8,000 output layer on 1,500 rows: the
+# logits and their gradient are 48 MB each, above glibc's largest mmap threshold (32 MiB).
 PROBE = """
 import hashlib, json, logging, resource, sys
 import torch
 from nmt.allocator import keep_freed_memory
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-kept = keep_freed_memory()
+kept = keep_freed_memory("train")
 torch.manual_seed(0)
 layer = torch.nn.Linear(256, 8000)
 x = torch.randn(1500, 256)
@@ -70,5 +70,31 @@ def test_without_glibc_it_does_nothing(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     with caplog.at_level("INFO", logger="nmt.allocator"):
-        assert allocator.keep_freed_memory() is False
+        assert allocator.keep_freed_memory("train") is False
     assert "malloc tuning skipped: needs glibc" in caplog.text
+
+
+class FakeLibc:
+    """Records mallopt calls instead of changing this test process's malloc."""
+
+    def __init__(self, calls: list[tuple[int, int]]) -> None:
+        def mallopt(param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+        self.mallopt = mallopt
+
+
+@glibc
+def test_a_process_keeps_the_stronger_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nmt.allocator as allocator
+
+    calls: list[tuple[int, int]] = []
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(allocator, "_applied", [])
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda _name: FakeLibc(calls))
+    assert allocator.keep_freed_memory("decode") and allocator.keep_freed_memory("decode")
+    assert calls == list(allocator.SETTINGS["decode"])  # once
+    assert allocator.keep_freed_memory("train")
+    assert calls[2:] == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, 2**31 - 1)]
+    assert allocator.keep_freed_memory("decode")  # does not weaken train's policy
+    assert len(calls) == 4

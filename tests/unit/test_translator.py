@@ -170,9 +170,9 @@ def test_int8_refuses_a_model_off_the_cpu() -> None:
 
 FAULTS_SCRIPT = """
 import resource, sys, torch
-from nmt.translator import keep_freed_memory
+from nmt.allocator import keep_freed_memory
 if sys.argv[1] == "tuned":
-    assert keep_freed_memory() and keep_freed_memory()  # idempotent
+    assert keep_freed_memory("decode") and keep_freed_memory("decode")  # idempotent
 start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for i in range(40):  # shrinking score-sized tensors, as batches of a beam search shrink
     a = torch.ones(5_000_000 - i * 100_000); b = a * 2; c = b + a; del a, b, c
