@@ -68,6 +68,8 @@ def test_without_glibc_it_does_nothing(monkeypatch: pytest.MonkeyPatch,
     import nmt.allocator as allocator
 
     monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setattr(allocator, "_applied", [])  # earlier tests may have trained in-process
+    monkeypatch.setattr(allocator, "_said", set())
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     with caplog.at_level("INFO", logger="nmt.allocator"):
         assert allocator.keep_freed_memory("train") is False
