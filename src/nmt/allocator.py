@@ -15,8 +15,8 @@ kernel faults in 4 KiB at a time, zeroing each one. Two policies, set with glibc
             tokens x 8,000 pieces x 4 bytes = 96 MB each), above any mmap threshold: with the
             C library's defaults, 3.2 M page faults and 14 s of system CPU time in 25 steps of
             the default Transformer on a 2-core EPYC. Side by side with this policy
-            (`bench/train_throughput.py`, reports/bench/): 1.24x the target tokens/s, peak RSS
-            +135 MB. The process keeps its peak memory until it exits (fine for a training run,
+            (`bench/train_throughput.py`, reports/bench/): 1.11-1.24x the target tokens/s in
+            three runs, peak RSS +115-135 MB. The process keeps its peak memory until it exits (fine for a training run,
             whose peak recurs every step).
 
 The arithmetic is unchanged (same kernels, same 64-byte tensor alignment): the trained weights
@@ -45,7 +45,7 @@ SETTINGS: dict[str, tuple[tuple[int, int], ...]] = {
     "train": ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1)),  # no mmap; trim: in effect never
 }
 RANK = {"decode": 1, "train": 2}
-_applied: list[str] = []  # the policy in force in this process, if any
+_applied: str | None = None  # the policy in force in this process, if any
 _said: set[str] = set()  # reasons already logged
 
 
@@ -61,7 +61,8 @@ def keep_freed_memory(policy: Policy = "decode") -> bool:
 
     Idempotent. Returns False, and logs why once, with NMT_MALLOC=system or without glibc.
     """
-    if _applied and RANK[_applied[0]] >= RANK[policy]:
+    global _applied
+    if _applied is not None and RANK[_applied] >= RANK[policy]:
         return True
     if os.environ.get(ENV, "").strip().lower() == "system":
         return _skip(f"{ENV}=system: malloc keeps the C library's defaults")
@@ -75,5 +76,5 @@ def keep_freed_memory(policy: Policy = "decode") -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not all(mallopt(param, value) == 1 for param, value in SETTINGS[policy]):
         return False
-    _applied[:] = [policy]
+    _applied = policy
     return True

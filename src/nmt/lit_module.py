@@ -52,8 +52,49 @@ def sequence_loss(logits: Tensor, target: Tensor, label_smoothing: float = 0.0) 
     Returns:
         scalar sum over real tokens (divide by their count for the mean).
     """
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=PAD_ID,
-                           label_smoothing=label_smoothing, reduction="sum")
+    return _SmoothedCrossEntropy.apply(logits.flatten(0, 1), target.flatten(), label_smoothing)
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """`F.cross_entropy(logits.float(), target, ignore_index=PAD_ID, label_smoothing=eps,
+    reduction="sum")` with a one-pass backward.
+
+    The output layer's logits are the step's largest tensors (3,000 target tokens x 8,000 pieces).
+    PyTorch's label-smoothed loss keeps the fp32 log-softmax and in backward fills a zero
+    gradient for the NLL term, adds the smoothing term's and runs the log-softmax backward: five
+    passes over 96 MB. Here the forward keeps only the per-row log-sum-exp, and the backward
+    writes the gradient, softmax - eps / V - (1 - eps) * onehot(target), in one pass (and casts it
+    back to bf16 under autocast). Same loss and gradient to fp32 rounding (tests/unit/
+    test_lit_module.py); the default Transformer's fp32 step 916 -> 878 ms on a 2-core Zen 4 EPYC
+    (bench/train_throughput.py).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor, eps: float) -> Tensor:
+        with torch.autocast(logits.device.type, enabled=False):
+            x = logits.float()  # (N, V); a no-op for fp32 logits
+            keep = target != PAD_ID
+            gold = target.masked_fill(~keep, 0)
+            lse = torch.logsumexp(x, dim=-1)  # (N,)
+            rows = (1.0 - eps) * (lse - x.gather(1, gold[:, None]).squeeze(1))
+            if eps > 0:
+                rows = rows + eps * (lse - x.mean(dim=-1))  # -mean(log p) = lse - mean(x)
+            loss = rows.masked_fill(~keep, 0.0).sum()
+        ctx.save_for_backward(logits, lse, gold, keep)
+        ctx.eps = eps
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        logits, lse, gold, keep = ctx.saved_tensors
+        eps = ctx.eps
+        with torch.autocast(logits.device.type, enabled=False):
+            g = torch.sub(logits, lse[:, None]).exp_()  # softmax, fp32 (new tensor)
+            if eps > 0:
+                g.sub_(eps / logits.shape[-1])
+            g.scatter_add_(1, gold[:, None], g.new_full((len(gold), 1), eps - 1.0))
+            g.mul_((keep.to(g.dtype) * grad.float())[:, None])
+        return g.to(logits.dtype), None, None
 
 
 class LrSchedule:

@@ -68,7 +68,7 @@ def test_without_glibc_it_does_nothing(monkeypatch: pytest.MonkeyPatch,
     import nmt.allocator as allocator
 
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(allocator, "_applied", [])  # earlier tests may have trained in-process
+    monkeypatch.setattr(allocator, "_applied", None)  # earlier tests may have trained in-process
     monkeypatch.setattr(allocator, "_said", set())
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     with caplog.at_level("INFO", logger="nmt.allocator"):
@@ -92,7 +92,7 @@ def test_a_process_keeps_the_stronger_policy(monkeypatch: pytest.MonkeyPatch) ->
 
     calls: list[tuple[int, int]] = []
     monkeypatch.delenv(ENV, raising=False)
-    monkeypatch.setattr(allocator, "_applied", [])
+    monkeypatch.setattr(allocator, "_applied", None)
     monkeypatch.setattr(allocator.ctypes, "CDLL", lambda _name: FakeLibc(calls))
     assert allocator.keep_freed_memory("decode") and allocator.keep_freed_memory("decode")
     assert calls == list(allocator.SETTINGS["decode"])  # once

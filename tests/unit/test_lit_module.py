@@ -41,6 +41,30 @@ def test_loss_is_label_smoothed_cross_entropy_summed_over_tokens() -> None:
                           F.cross_entropy(logits[keep], target[keep]))
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_gradient_matches_pytorchs_cross_entropy(eps: float, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 50) * 4).to(dtype)
+    target = torch.randint(4, 50, (3, 5))
+    target[0, 3:] = PAD_ID
+    ours = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = sequence_loss(ours, target, eps) * 0.5
+        expected = F.cross_entropy(ref.flatten(0, 1).float(), target.flatten(),
+                                   ignore_index=PAD_ID, label_smoothing=eps,
+                                   reduction="sum") * 0.5
+    loss.backward()
+    expected.backward()
+    assert loss.dtype == torch.float32
+    assert torch.allclose(loss, expected, rtol=1e-5)
+    assert ours.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 keeps 8 bits of mantissa
+    assert torch.allclose(ours.grad.float(), ref.grad.float(), atol=tol)
+    assert not ours.grad[0, 3:].any()  # padding gets no gradient
+
+
 def test_warmup_then_inverse_sqrt() -> None:
     sched = LrSchedule("inverse_sqrt", warmup_steps=4, total_steps=100)
     assert [sched(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -160,6 +160,38 @@ def test_fused_attention_equals_the_explicit_softmax_under_masks() -> None:
         assert torch.all(weights.masked_select(~mask.expand_as(weights)) == 0)
 
 
+def test_bf16_training_runs_the_fused_attention_in_fp32() -> None:
+    # the CPU kernel's bf16 backward is ~4x slower than fp32's: with grad under bf16 autocast the
+    # kernel runs on fp32 inputs (autocast alone would cast them back to bf16) and rounds its
+    # output to bf16 once; inference (no grad) keeps the bf16 kernel
+    import torch.nn.functional as F
+
+    from nmt.model.transformer_layers import fused_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 16, 32) for _ in range(3))
+    allowed = torch.rand(4, 1, 16, 16) < 0.8
+    allowed[..., 0] = True
+    low = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    in_fp32 = F.scaled_dot_product_attention(*(t.detach().float() for t in low),
+                                             attn_mask=allowed).to(torch.bfloat16)
+    in_bf16 = F.scaled_dot_product_attention(*(t.detach() for t in low), attn_mask=allowed)
+    assert not torch.equal(in_fp32, in_bf16)  # the two paths are told apart
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_attention(*low, allowed, 0.0)
+        with torch.no_grad():
+            inferred = fused_attention(*(t.detach() for t in low), allowed, 0.0)
+    assert out.dtype == inferred.dtype == torch.bfloat16
+    assert torch.equal(out, in_fp32)
+    assert torch.equal(inferred, in_bf16)
+    ref = [t.detach().float().requires_grad_() for t in low]
+    F.scaled_dot_product_attention(*ref, attn_mask=allowed).sum().backward()
+    out.float().sum().backward()
+    for ours, expected in zip(low, ref, strict=True):
+        assert ours.grad is not None and ours.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.grad.float(), expected.grad, atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("kind", ["attention_dropout", "activation_dropout", "dropout"])
 def test_each_dropout_applies_in_training_only(kind: str) -> None:
     torch.manual_seed(0)

@@ -58,6 +58,23 @@ class Positions(nn.Module):
         return self.table(torch.arange(start, start + length, device=like.device))
 
 
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
+    """PyTorch's fused `scaled_dot_product_attention`; in fp32 when training in bf16 on CPU.
+
+    Under bf16 autocast on CPU the fused kernel's backward is about 4x slower in bf16 than in fp32
+    (torch 2.13 on an AVX-512 bf16 EPYC: forward + backward of a 224 x 4 heads x 14 x 64 batch
+    42 vs 10 ms; bench/train_throughput.py: see reports/bench/), so where gradients flow the
+    attention itself runs in fp32 and its output goes back to bf16; the projections around it
+    stay bf16. Inference (no grad) and other devices call the kernel as it is.
+    """
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and torch.is_grad_enabled():
+        with torch.autocast("cpu", enabled=False):  # autocast would cast the inputs back to bf16
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                  attn_mask=allowed, dropout_p=dropout_p
+                                                  ).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over h heads, with separately callable key/value projection."""
 
@@ -96,8 +113,7 @@ class MultiHeadAttention(nn.Module):
             context = F.dropout(probs, dropout_p, self.training) @ v  # (B, h, T, d)
             weights: Tensor | None = probs.mean(dim=1)
         else:
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None],
-                                                     dropout_p=dropout_p)  # (B, h, T, d)
+            context = fused_attention(q, k, v, allowed[:, None], dropout_p)  # (B, h, T, d)
             weights = None
         out = self.out(context.transpose(1, 2).reshape(batch, steps, width))  # (B, T, D)
         return out, weights
