@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:  # the server this run started inherits the environment
             report["server"] = args.server
             report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
+            report["precision"] = (os.environ.get("NMT_PRECISION", "").strip()
+                                   or "the model's evaluate.search.precision")
+            from nmt.precision import cpu_bf16_flags, cpu_name  # lazily: torch
+
+            report["cpu"] = {"model_name": cpu_name(), "bf16_flags": cpu_bf16_flags()}
         print(json.dumps(report, indent=2))
     except urllib.error.URLError as exc:
         print(f"error: {url}: {exc}", file=sys.stderr)

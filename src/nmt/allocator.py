@@ -16,8 +16,8 @@ kernel faults in 4 KiB at a time, zeroing each one. Two policies, set with glibc
             C library's defaults, 3.2 M page faults and 14 s of system CPU time in 25 steps of
             the default Transformer on a 2-core EPYC. Side by side with this policy
             (`bench/train_throughput.py`, reports/bench/): 1.11-1.24x the target tokens/s in
-            three runs, peak RSS +115-135 MB. The process keeps its peak memory until it exits (fine for a training run,
-            whose peak recurs every step).
+            three runs, peak RSS +115-135 MB. The process keeps its peak memory until it
+            exits (fine for a training run, whose peak recurs every step).
 
 The arithmetic is unchanged (same kernels, same 64-byte tensor alignment): the trained weights
 are the same bit for bit (tests/unit/test_allocator.py). A process keeps the stronger policy it

@@ -25,7 +25,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from nmt.config import ModelConfig, TrainConfig
