@@ -256,6 +256,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: cannot load {model}: {exc}; `dvc repro export` registers the project's "
               "model", file=sys.stderr)
         return 1
+    except ValueError as exc:  # a deploy setting read at load: NMT_PRECISION, NMT_INT8
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

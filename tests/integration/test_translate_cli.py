@@ -213,8 +213,8 @@ def test_precision_switch_of_a_folder_and_of_the_pyfunc(
     assert "--precision auto: this CPU" in caplog.text and "decoding in fp32" in caplog.text
 
 
-def test_serving_env_sets_the_pyfunc_precision(exported: dict,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serving_env_sets_the_pyfunc_precision(exported: dict, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
     uri = f"runs:/{exported['run_id']}/translator"
     monkeypatch.setattr(hw, "cpu_bf16_flags", lambda: ["amx_bf16"])
     for value in ("fp32", "bf16"):
@@ -223,3 +223,8 @@ def test_serving_env_sets_the_pyfunc_precision(exported: dict,
     monkeypatch.setenv(PRECISION_ENV, "fp16")
     with pytest.raises(Exception, match="NMT_PRECISION: must be one of auto, fp32, bf16"):
         mlflow.pyfunc.load_model(uri)
+    rc = cli.main(["serve", "--model", uri, "--params", exported["params"], "--port", "1"])
+    out, err = capsys.readouterr()  # it fails at load, before any port is opened
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert rc == 1 and not out and "Traceback" not in err
+    assert errors == ["error: NMT_PRECISION: must be one of auto, fp32, bf16, got 'fp16'"]
