@@ -13,7 +13,7 @@ Ours runs once per `--precisions` entry on the same batches: `32-true` (reported
 and `bf16-mixed` (`ours_bf16`: the step under `torch.autocast("cpu", torch.bfloat16)`, as
 Lightning's `bf16-mixed` does; weights, loss and optimizer state fp32), with the bf16/fp32
 ratio; bf16 is skipped on a CPU without bf16 units. `cpu` names the CPU and its bf16 flags.
-Ours runs with the train stage's malloc policy (`nmt.allocator.keep_freed_memory`); with
+Ours runs with the train stage's malloc policy and oneDNN cache cap (`nmt.allocator`); with
 `--malloc both` (the default) the fp32 run is repeated with the C library's default malloc
 (`ours_system_malloc`, plus the ratio and each run's page faults and system CPU seconds).
 Each model runs in a forked child so the peak RSS figures are separate. Timings on a shared
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nmt.allocator import keep_freed_memory
+from nmt.allocator import bound_onednn_cache, keep_freed_memory
 from nmt.config import load_params
 from nmt.data.datamodule import BucketBatchSampler, PairsDataset, lengths_of
 from nmt.data.vectorize import SplitData, load_split
@@ -86,6 +86,7 @@ def _timed(step: Any, batches: list[Any], warmup: int) -> dict[str, float]:
 def bench_ours(params_path: Path, processed: Path, steps: int, warmup: int,
                precision: str = "32-true", malloc: str = "keep") -> dict[str, Any]:
     kept = keep_freed_memory("train") if malloc == "keep" else False
+    bound_onednn_cache()  # as the train stage does (the fork saw no oneDNN work yet)
     params = load_params(params_path)
     cfg = params.train
     if (processed / "train.parquet").is_file():

@@ -50,7 +50,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from nmt import tracking
 from nmt.allocator import ENV as ALLOCATOR_ENV
-from nmt.allocator import keep_freed_memory
+from nmt.allocator import ONEDNN_CACHE_ENV, bound_onednn_cache, keep_freed_memory
 from nmt.checkpoint import LAST_CKPT, ModelDir
 from nmt.config import ConfigError, Params, TrainConfig
 from nmt.data.datamodule import TranslationDataModule, bleu_subset
@@ -261,6 +261,7 @@ def train(params: Params, processed_dir: Path, model_dir: Path, reports_dir: Pat
     if keep_freed_memory("train"):
         log.info("malloc: freed tensor memory stays in the process (%s=system to turn off)",
                  ALLOCATOR_ENV)
+    log.info("oneDNN primitive cache: %s (%s)", bound_onednn_cache(), ONEDNN_CACHE_ENV)
     L.seed_everything(params.seed, workers=True, verbose=False)
     dm = TranslationDataModule(processed_dir, cfg, params.seed, cfg.devices * cfg.num_nodes)
     dm.setup("fit")

@@ -100,3 +100,39 @@ def test_a_process_keeps_the_stronger_policy(monkeypatch: pytest.MonkeyPatch) ->
     assert calls[2:] == [(allocator.M_MMAP_MAX, 0), (allocator.M_TRIM_THRESHOLD, 2**31 - 1)]
     assert allocator.keep_freed_memory("decode")  # does not weaken train's policy
     assert len(calls) == 4
+
+
+# 40 convolutions of different shapes (oneDNN primitives), then the first shape again: a hit
+# in oneDNN's cache only if the cache kept more than 40 primitives.
+ONEDNN_PROBE = """
+import os, torch
+from nmt.allocator import bound_onednn_cache
+print("capacity", bound_onednn_cache())
+os.environ["ONEDNN_VERBOSE"] = "2"
+w = torch.randn(32, 32, 3, 3)
+for size in [*range(8, 48), 8]:
+    torch.nn.functional.conv2d(torch.randn(2, 32, size, 16), w)
+"""
+
+
+def _onednn_probe(capacity: str | None) -> tuple[str, list[str]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ONEDNN_")}
+    env.update(OMP_NUM_THREADS="1", **({"ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity}
+                                       if capacity else {}))
+    done = subprocess.run([sys.executable, "-c", ONEDNN_PROBE], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    lines = done.stdout.splitlines()
+    creates = [line.split(",")[3] for line in lines  # "create:cache_hit" / "create:cache_miss"
+               if ",primitive,create:" in line and ",convolution," in line]
+    return lines[0], creates
+
+
+def test_training_caps_onednn_primitive_cache_unless_the_environment_sets_it() -> None:
+    said, creates = _onednn_probe(None)
+    if not creates:
+        pytest.skip("this torch build ran the probe's convolutions without oneDNN")
+    assert said == "capacity 32"
+    assert creates == ["create:cache_miss"] * 41  # the first shape was evicted by the 40 others
+    said, creates = _onednn_probe("1024")  # the user's setting wins
+    assert said == "capacity 1024"
+    assert creates == ["create:cache_miss"] * 40 + ["create:cache_hit"]
