@@ -254,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
         "model_dir": str(args.model_dir), "test_sources": len(sources),
         "loop_sources": min(args.loop_limit, len(sources)), "batch_size": args.batch_size,
         "beam": args.beam, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(), "cpu_name": hw.cpu_name(),
-        "cpu_bf16_units": hw.cpu_bf16_flags()}
+        "machine": platform.processor() or platform.machine(),
+        "cpu_description": hw.describe_cpu()}
     if args.precision_only:
         translator = Translator.from_model_dir(args.model_dir, precision="fp32",
                                                shortlist=not args.full_vocab)

@@ -160,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
             report["precision"] = (os.environ.get("NMT_PRECISION", "").strip()
                                    or "the model's evaluate.search.precision")
-            from nmt.precision import cpu_bf16_flags, cpu_name  # lazily: torch
+            from nmt.precision import describe_cpu  # lazily: torch
 
-            report["cpu"] = {"model_name": cpu_name(), "bf16_flags": cpu_bf16_flags()}
+            report["cpu"] = describe_cpu()
         print(json.dumps(report, indent=2))
     except urllib.error.URLError as exc:
         print(f"error: {url}: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from nmt.config import ConfigError, merge, parse_params, read_yaml
-from nmt.precision import cpu_bf16_flags, cpu_name
+from nmt.precision import describe_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def main() -> None:
         spec = read_yaml(args.sweep)
     except ConfigError as exc:  # not YAML, or not a mapping
         raise SystemExit(f"sweep file {exc.key}: {exc.reason}") from None
-    cpu = {"model_name": cpu_name(), "bf16_flags": cpu_bf16_flags(), "cores": os.cpu_count()}
+    cpu = describe_cpu()
     for name, overrides in plan(spec, args.only).items():
         row = {**run_one(name, overrides, args.out, args.processed.resolve()), "cpu": cpu}
         line = json.dumps(row)

@@ -45,7 +45,7 @@ from nmt.data.datamodule import BucketBatchSampler, PairsDataset, lengths_of
 from nmt.data.vectorize import SplitData, load_split
 from nmt.lit_module import sequence_loss
 from nmt.model import build_model, count_parameters
-from nmt.precision import cpu_bf16_flags, cpu_name
+from nmt.precision import describe_cpu
 
 KERAS_SAMPLES, KERAS_LATENT, KERAS_BATCH = 10_000, 256, 64
 
@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="ours with the train stage's malloc policy, the C library's "
                              "default, or both side by side (fp32)")
     args = parser.parse_args(argv)
-    flags = cpu_bf16_flags()
+    cpu = describe_cpu()
+    flags = cpu["bf16_flags"]
     report: dict[str, Any] = {
-        "device": "cpu", "cpu": {"model_name": cpu_name(), "bf16_flags": flags},
+        "device": "cpu", "cpu": cpu,
         "torch_threads": args.threads or torch.get_num_threads(), "steps": args.steps}
     for precision in args.precisions.split(","):
         key = {"32-true": "ours", "bf16-mixed": "ours_bf16"}[precision.strip()]

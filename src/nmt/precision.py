@@ -17,6 +17,7 @@ falling back to the `flags` line of /proc/cpuinfo.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from nmt.config import ConfigError
 log = logging.getLogger(__name__)
 
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# the vector units that decide CPU speed here: fp32 width, bf16 and int8 (VNNI / AMX) products
+SPEED_FLAGS = ("avx2", "avx512f", *BF16_FLAGS, "avx512_vnni", "avx_vnni", "amx_int8")
 CPUINFO = Path("/proc/cpuinfo")
 KEY = "train.precision"
 
@@ -57,6 +60,16 @@ def cpu_bf16_flags() -> list[str]:
         return [flag for flag in BF16_FLAGS if caps.get(flag)]
     flags = set(_cpuinfo_field("flags").split())
     return [flag for flag in BF16_FLAGS if flag in flags]
+
+
+def describe_cpu() -> dict[str, object]:
+    """The CPU for a benchmark's JSON: model name, cores, bf16 units and the speed flags it has.
+
+    Every speed figure of this project names its CPU this way (`bench/`, reports/bench/).
+    """
+    flags = set(_cpuinfo_field("flags").split())
+    return {"model_name": cpu_name(), "cores": os.cpu_count(), "bf16_flags": cpu_bf16_flags(),
+            "flags": [flag for flag in SPEED_FLAGS if flag in flags]}
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:

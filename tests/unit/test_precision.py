@@ -57,3 +57,16 @@ def test_torch_capabilities_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cpu, "get_capabilities",
                         lambda: {"amx_bf16": False, "avx512_bf16": True, "avx2": True})
     assert cpu_bf16_flags() == ["avx512_bf16"]
+
+
+def test_describe_cpu_names_the_model_and_the_flags_that_set_speeds(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Test CPU\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 "
+                       "avx512_vnni sha_ni\n")
+    monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
+    cpu = precision.describe_cpu()
+    assert cpu["model_name"] == "Test CPU" and cpu["bf16_flags"] == ["avx512_bf16"]
+    assert cpu["flags"] == ["avx2", "avx512f", "avx512_bf16", "avx512_vnni"]
+    assert isinstance(cpu["cores"], int) and cpu["cores"] >= 1
