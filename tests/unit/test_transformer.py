@@ -55,6 +55,25 @@ def test_teacher_forcing_equals_incremental_decoding(positions: str, tied: bool)
     assert state.self_k.shape == (3, TF.layers, trg_in.size(1), TF.d_model)
 
 
+def test_a_step_writes_the_cache_once_and_equals_the_masked_path_bit_for_bit() -> None:
+    """`TransformerDecoder.step` (cache filled in place, no causal mask for the one new
+    position) gives exactly what the general masked path (`_run`, cache concatenated) gives."""
+    model = make_model()
+    src, lengths, trg_in = make_batch()
+    decoder = model.decoder
+    with torch.no_grad():
+        state = model.init_state(model.encode(src, lengths))
+        for t in range(trg_in.size(1)):
+            emb = decoder.embed(trg_in[:, t])
+            features, new_state, weights = decoder.step(state, emb)
+            ref, ref_k, ref_v, ref_weights = decoder._run(state, emb[:, None, :])
+            assert torch.equal(features, ref[:, 0]) and torch.equal(weights, ref_weights[:, 0])
+            assert torch.equal(new_state.self_k, torch.cat([state.self_k, ref_k], dim=2))
+            assert torch.equal(new_state.self_v, torch.cat([state.self_v, ref_v], dim=2))
+            assert new_state.cross_k is state.cross_k and new_state.position == t + 1
+            state = new_state
+
+
 def test_shapes_masks_and_causality() -> None:
     model = make_model()
     src, lengths, trg_in = make_batch()

@@ -154,12 +154,25 @@ class TransformerDecoder(_Stack):
              emb: Tensor) -> tuple[Tensor, TransformerState, Tensor]:
         """One target position for every row: emb (N, D) -> features (N, D), state, weights (N, S).
 
-        weights are the last layer's cross-attention weights averaged over heads.
+        weights are the last layer's cross-attention weights averaged over heads. The new
+        cache (N, L, T + 1, D) is allocated once and the layers write their position into it
+        (`DecoderLayer.step`), so a step copies the cache once, not per layer and again to
+        concatenate.
         """
-        features, new_k, new_v, weights = self._run(state, emb[:, None, :])
-        new_state = replace(state, self_k=torch.cat([state.self_k, new_k], dim=2),
-                            self_v=torch.cat([state.self_v, new_v], dim=2))
-        return features[:, 0], new_state, weights[:, 0]
+        position, (rows, layers, _, width) = state.position, state.self_k.shape
+        self_k = state.self_k.new_empty(rows, layers, position + 1, width)
+        self_v = state.self_v.new_empty(rows, layers, position + 1, width)
+        self_k[:, :, :position], self_v[:, :, :position] = state.self_k, state.self_v
+        x = self.add_positions(emb[:, None, :], position)  # (N, 1, D)
+        src_allowed = state.mask[:, None, :]  # (N, 1, S)
+        weights: Tensor | None = None
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, weights = layer.step(x, self_k[:, i], self_v[:, i], state.cross_k[:, i],
+                                    state.cross_v[:, i], src_allowed, need_weights=i == last)
+        assert weights is not None  # the last layer returns them
+        return (self.norm(x)[:, 0], replace(state, self_k=self_k, self_v=self_v),
+                weights[:, 0])
 
     def forward(self, state: TransformerState, emb: Tensor,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:

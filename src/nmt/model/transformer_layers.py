@@ -58,7 +58,8 @@ class Positions(nn.Module):
         return self.table(torch.arange(start, start + length, device=like.device))
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, dropout_p: float) -> Tensor:
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor | None,
+                    dropout_p: float) -> Tensor:
     """PyTorch's fused `scaled_dot_product_attention`; in fp32 when training in bf16 on CPU.
 
     Under bf16 autocast on CPU the fused kernel's backward is about 4x slower in bf16 than in fp32
@@ -91,13 +92,13 @@ class MultiHeadAttention(nn.Module):
         """Memory x (B, S, D) -> keys (B, S, D) and values (B, S, D), heads not split yet."""
         return self.key(x), self.value(x)
 
-    def forward(self, x: Tensor, keys: Tensor, values: Tensor, allowed: Tensor,
+    def forward(self, x: Tensor, keys: Tensor, values: Tensor, allowed: Tensor | None,
                 need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
         """Attend from queries x (B, T, D) over keys/values (B, S, D).
 
         Args:
             allowed: (B or 1, T or 1, S) bool, True where query t may attend to position s
-                (every query must be allowed at least one position).
+                (every query must be allowed at least one position); None: every position.
             need_weights: return the weights (explicit softmax); False runs the fused kernel.
         Returns:
             output (B, T, D) and the weights averaged over heads (B, T, S) (0 where not
@@ -109,11 +110,14 @@ class MultiHeadAttention(nn.Module):
         dropout_p = self.dropout_p if self.training else 0.0
         if need_weights:
             scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # (B, h, T, S)
-            probs = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            probs = scores.softmax(dim=-1)
             context = F.dropout(probs, dropout_p, self.training) @ v  # (B, h, T, d)
             weights: Tensor | None = probs.mean(dim=1)
         else:
-            context = fused_attention(q, k, v, allowed[:, None], dropout_p)  # (B, h, T, d)
+            context = fused_attention(q, k, v, None if allowed is None else allowed[:, None],
+                                      dropout_p)  # (B, h, T, d)
             weights = None
         out = self.out(context.transpose(1, 2).reshape(batch, steps, width))  # (B, T, D)
         return out, weights
@@ -196,9 +200,34 @@ class DecoderLayer(nn.Module):
         keys, values = torch.cat([past_k, new_k], dim=1), torch.cat([past_v, new_v], dim=1)
         query_pos = torch.arange(steps, device=x.device)[:, None] + past  # (T, 1)
         causal = torch.arange(past + steps, device=x.device)[None, :] <= query_pos  # (T, T0+T)
-        out, _ = self.self_attn(h, keys, values, causal[None], need_weights=False)
+        x, weights = self._attend(x, h, keys, values, causal[None], cross_k, cross_v,
+                                  src_allowed, need_weights)
+        return x, new_k, new_v, weights
+
+    def step(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, cross_k: Tensor,
+             cross_v: Tensor, src_allowed: Tensor,
+             need_weights: bool = True) -> tuple[Tensor, Tensor | None]:
+        """One new position after T0 cached ones (incremental decoding), as `forward` with T = 1.
+
+        cache_k, cache_v: (B, T0 + 1, D) this layer's self-attention keys/values, the last
+            position still to fill: its key and value are written there, in place. The new
+            position may attend to every cached one, so no causal mask is built (the kernel
+            gives the same result as with an all-True mask).
+        Returns x (B, 1, D) and the cross-attention weights (B, 1, S) or None.
+        """
+        h = self.norm_self(x)
+        new_k, new_v = self.self_attn.project_kv(h)  # (B, 1, D)
+        cache_k[:, -1], cache_v[:, -1] = new_k[:, 0], new_v[:, 0]
+        return self._attend(x, h, cache_k, cache_v, None, cross_k, cross_v, src_allowed,
+                            need_weights)
+
+    def _attend(self, x: Tensor, h: Tensor, keys: Tensor, values: Tensor,
+                self_allowed: Tensor | None, cross_k: Tensor, cross_v: Tensor,
+                src_allowed: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
+        """Self-attention of h = norm(x) over keys/values, cross-attention, feed-forward."""
+        out, _ = self.self_attn(h, keys, values, self_allowed, need_weights=False)
         x = x + self.dropout(out)
         out, weights = self.cross_attn(self.norm_cross(x), cross_k, cross_v, src_allowed,
                                        need_weights)
         x = x + self.dropout(out)
-        return x + self.dropout(self.ff(self.norm_ff(x))), new_k, new_v, weights
+        return x + self.dropout(self.ff(self.norm_ff(x))), weights
