@@ -23,13 +23,6 @@ Over HTTP, `nmt serve` (`nmt.rest`) puts a guard in front of MLflow's scoring ap
 `nmt.rest.MAX_BODY_BYTES`, other content types than JSON and unparsable or too deeply nested JSON
 get a short 400, and no error body carries a stack trace or more than a few hundred characters.
 
-Threads: a request of at most `SMALL_REQUEST_ROWS` decoder rows (sentences x beam) decodes on
-one intra-op thread. MLflow's server runs `predict` on worker threads, where PyTorch's OpenMP
-threads cost more than they give on small matrices: `nmt serve` on a 2-core EPYC (avx2), one
-sentence at beam 5, p50 / p95 72.3 / 164.2 ms with the default two threads against 51.6 / 115.1
-with one; batches of 64 sentences keep both cores (145 against 126 sentences/s with one).
-The thread count is restored after the request.
-
 Deploy-time option: with the environment variable `NMT_INT8=1` the server decodes with an int8
 copy of the model (`nmt.model.quantize`, CPU only; faster, outputs may differ slightly from
 fp32); unset or `0` keeps fp32. `NMT_PRECISION=auto|fp32|bf16` overrides the model's
@@ -43,8 +36,6 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -67,9 +58,6 @@ WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "a
 SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models exported before lack it)
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
 PRECISION_ENV = "NMT_PRECISION"  # auto | fp32 | bf16: decoding precision (unset: the model's)
-
-
-SMALL_REQUEST_ROWS = 80  # up to this many sentences x beam: one intra-op thread (see above)
 
 
 REEXPORT = "log the model again with `dvc repro export` (or `dvc repro --force export`)"
@@ -230,31 +218,9 @@ class TranslatorModel(PythonModel):
         batch = int(params.get("batch_size", search.batch_size))
         sentences = list(model_input)
         check_request(sentences, beam, nbest, batch)
-        with intra_op_threads(1 if len(sentences) * beam <= SMALL_REQUEST_ROWS else None):
-            results = self.translator.translate(sentences, beam_size=beam, nbest=nbest,
-                                                batch_size=batch)
+        results = self.translator.translate(sentences, beam_size=beam, nbest=nbest,
+                                            batch_size=batch)
         return [to_output(r) for r in results]
-
-
-@contextmanager
-def intra_op_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with `threads` PyTorch intra-op threads (None: as set), then restore.
-
-    From a server's worker thread the setting can reach its other worker threads too (OpenMP
-    keeps a per-thread count only for threads that have set their own), so a request decoding
-    at the same time may run on one thread until this one ends: speed only, never results.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def int8_requested() -> bool:

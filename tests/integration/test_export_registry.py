@@ -270,37 +270,3 @@ def test_untagged_champion_stops_the_gate_with_registry_error(exported: dict) ->
     with pytest.raises(registry.RegistryError, match="version 1 \\(champion\\) has no test_bleu"):
         _register(client, exported, name, 50.0)
     assert snapshot(client, name) == before
-
-
-def test_small_requests_decode_on_one_thread_and_the_count_is_restored(
-        exported: dict) -> None:
-    """`predict` on a worker thread, as MLflow's server runs it: a request of at most
-    SMALL_REQUEST_ROWS sentences x beam decodes on one intra-op thread, a bigger one on the
-    threads set, and the thread's count is the same afterwards."""
-    import concurrent.futures
-
-    import torch
-
-    from nmt.serving import SMALL_REQUEST_ROWS
-
-    pyfunc = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
-    inner = pyfunc.unwrap_python_model()
-    seen: list[int] = []
-    translate = inner.translator.translate
-
-    def recording(*args: object, **kwargs: object) -> object:
-        seen.append(torch.get_num_threads())
-        return translate(*args, **kwargs)
-
-    inner.translator.translate = recording
-    big = SMALL_REQUEST_ROWS // 2 + 1  # sentences at beam 2: just over the limit
-
-    def serve_requests() -> int:
-        torch.set_num_threads(2)
-        pyfunc.predict(["Be nice."], params={"beam_size": 2})
-        pyfunc.predict(["Be nice."] * big, params={"beam_size": 2, "batch_size": big})
-        return torch.get_num_threads()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        after = pool.submit(serve_requests).result()
-    assert seen == [1, 2] and after == 2
