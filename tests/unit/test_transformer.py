@@ -68,8 +68,9 @@ def test_a_step_writes_the_cache_once_and_equals_the_masked_path_bit_for_bit() -
             features, new_state, weights = decoder.step(state, emb)
             ref, ref_k, ref_v, ref_weights = decoder._run(state, emb[:, None, :])
             assert torch.equal(features, ref[:, 0]) and torch.equal(weights, ref_weights[:, 0])
-            assert torch.equal(new_state.self_k, torch.cat([state.self_k, ref_k], dim=2))
-            assert torch.equal(new_state.self_v, torch.cat([state.self_v, ref_v], dim=2))
+            for cache, before, new in ((new_state.self_k, state.self_k, ref_k),
+                                       (new_state.self_v, state.self_v, ref_v)):
+                assert torch.equal(cache, torch.cat([before, torch.stack(new, dim=1)], dim=2))
             assert new_state.cross_k is state.cross_k and new_state.position == t + 1
             state = new_state
 

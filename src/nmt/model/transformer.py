@@ -183,10 +183,11 @@ class TransformerDecoder(_Stack):
         features, _, _, weights = self._run(state, emb, need_weights)
         return features, weights
 
-    def _run(self, state: TransformerState, emb: Tensor,
-             need_weights: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """T positions after the cached ones -> features, new keys/values (B, L, T, D), the
-        last layer's cross-attention weights (B, T, S) (None without `need_weights`)."""
+    def _run(self, state: TransformerState, emb: Tensor, need_weights: bool = True
+             ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor | None]:
+        """T positions after the cached ones -> features, each layer's new keys and values
+        (B, T, D) (left unstacked: training discards them), the last layer's cross-attention
+        weights (B, T, S) (None without `need_weights`)."""
         x = self.add_positions(emb, state.position)  # (B, T, D)
         src_allowed = state.mask[:, None, :]  # (B, 1, S)
         keys, values, weights = [], [], None
@@ -197,7 +198,7 @@ class TransformerDecoder(_Stack):
                                      need_weights=need_weights and i == last)
             keys.append(k)
             values.append(v)
-        return self.norm(x), torch.stack(keys, dim=1), torch.stack(values, dim=1), weights
+        return self.norm(x), keys, values, weights
 
 
 class Transformer(EncoderDecoder):
