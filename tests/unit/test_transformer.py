@@ -18,7 +18,7 @@ from nmt.checkpoint import load_model_file, save_model_file
 from nmt.config import ConfigError, ModelConfig, TransformerConfig, load_params, parse_params
 from nmt.data.datamodule import Batch
 from nmt.lit_module import Seq2SeqModule
-from nmt.model import Transformer, beam_search, build_model, greedy_search
+from nmt.model import Transformer, TransformerState, beam_search, build_model, greedy_search
 from nmt.model.quantize import quantize_int8
 from nmt.shortlist import ShortlistModel, output_layer
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
@@ -102,12 +102,55 @@ def test_state_row_selection() -> None:
     src, lengths, trg_in = make_batch()
     with torch.no_grad():
         _, _, state = decode_stepwise(model, src, lengths, trg_in[:, :2])
-    picked = state.index_select(torch.tensor([2, 0, 0]))
-    assert torch.equal(picked.mask, state.mask[[2, 0, 0]])
-    assert torch.equal(picked.self_v, state.self_v[[2, 0, 0]])
+    picked = state.index_select(torch.tensor([2, 0, 0]))  # not in groups: one entry per row
+    assert picked.group == 1 and torch.equal(picked.mask, state.mask[[2, 0, 0]])
+    assert torch.equal(picked.cache()[1], state.self_v[[2, 0, 0]])
     swapped = state.reorder(torch.tensor([0, 0, 2]))
-    assert torch.equal(swapped.self_k, state.self_k[[0, 0, 2]])
+    assert torch.equal(swapped.cache()[0], state.self_k[[0, 0, 2]])
+    assert swapped.self_k is state.self_k  # pending: no copy until the next step
     assert swapped.cross_k is state.cross_k and swapped.enc_out is state.enc_out
+    beams = state.index_select(torch.tensor([0, 0, 1, 1, 2, 2]))  # beam expansion, K = 2
+    assert beams.group == 2 and beams.num_rows == 6
+    assert beams.cross_k is state.cross_k and beams.mask is state.mask  # nothing copied
+    kept = beams.index_select(torch.tensor([5, 4, 0, 0]))  # sentence 1 done, reordered
+    assert kept.group == 2 and torch.equal(kept.cross_v, state.cross_v[[2, 0]])
+    assert torch.equal(kept.cache()[0], state.self_k[[2, 2, 0, 0]])
+
+
+def test_grouped_state_steps_as_one_entry_per_row() -> None:
+    """A beam state sharing each sentence's encoder rows among its hypotheses, with its row
+    selections pending, steps as the same rows copied out one by one (the state before)."""
+    model = make_model()
+    src, lengths, trg_in = make_batch()
+
+    def copied(state: TransformerState, idx: torch.Tensor) -> TransformerState:
+        self_k, self_v = state.cache()
+        return TransformerState(self_k[idx], self_v[idx], *(
+            getattr(state, f)[idx] for f in ("enc_out", "mask", "cross_k", "cross_v")))
+
+    def same(a: tuple, b: tuple) -> None:
+        for x, y in zip(a, b, strict=True):
+            if isinstance(x, TransformerState):
+                assert x.rows is None
+                x, y = x.cache(), y.cache()
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+    with torch.no_grad():
+        _, _, state = decode_stepwise(model, src, lengths, trg_in[:, :2])
+        expand = torch.tensor([0, 0, 1, 1, 2, 2])
+        grouped, plain = state.index_select(expand), copied(state, expand)
+        assert grouped.group == 2 and plain.group == 1
+        prev = torch.tensor([4, 5, 6, 7, 8, 9])  # the hypotheses of a sentence differ now
+        (out, grouped, w), (ref, plain, w_ref) = model.step(grouped, prev), model.step(plain, prev)
+        same((out, grouped, w), (ref, plain, w_ref))
+        for idx in (torch.tensor([1, 0, 3, 3, 4, 5]), torch.tensor([4, 5, 0, 1])):
+            grouped = grouped.reorder(idx) if idx.numel() == 6 else grouped.index_select(idx)
+            plain = copied(plain, idx)
+            prev = prev[idx]
+            (out, grouped, w), (ref, plain, w_ref) = (model.step(grouped, prev),
+                                                      model.step(plain, prev))
+            same((out, grouped, w), (ref, plain, w_ref))
+        assert grouped.group == 2 and grouped.mask.size(0) == 2  # sentences 2 and 0 left
 
 
 def test_tied_embeddings_share_the_output_projection() -> None:

@@ -66,8 +66,11 @@ NEG_INF = float("-inf")
 class SearchState(Protocol):
     """Decoder state of N rows (`nmt.model.decoder.DecoderState` is one).
 
-    mask: (N, S) bool, True on real source tokens (gives S and the device).
-    enc_out: (N, S, H_enc) encoder outputs (gives the float dtype of scores and attention).
+    mask: (E, S) bool, True on real source tokens (gives S and the device).
+    enc_out: (E, S, H_enc) encoder outputs (gives the float dtype of scores and attention).
+    E = N in a state fresh from `init_state`; later a state may keep one encoder row per
+    sentence for all of its hypotheses (`TransformerState`), so the search reads only S, the
+    dtype and the device from these once the rows have been selected.
     """
 
     @property

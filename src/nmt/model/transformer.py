@@ -9,8 +9,11 @@ evaluation and serving run it unchanged.
 Incremental decoding caches, per decoder layer, the self-attention keys and values of the
 target positions so far and the cross-attention projections of the encoder output
 (`TransformerState`); a step runs one position against them, so it costs O(T) instead of
-recomputing the prefix. Row selection (beam expansion, dropping finished sentences, reordering)
-is an index_select on dim 0 of every field.
+recomputing the prefix. The encoder-side fields are kept once per sentence, not once per
+hypothesis: the K hypotheses of a sentence are K consecutive rows (a group), and their
+cross-attention runs as K queries over the sentence's keys (one (K, S) product per head instead
+of K (1, S) ones). Beam expansion then copies no encoder data, and dropping a finished sentence
+copies its encoder rows once, not K times (`TransformerState.index_select`).
 
 Embeddings are scaled by sqrt(D) before the positions are added; with `tie_embeddings` the
 decoder's input embedding is the output projection's weight (source and target vocabularies
@@ -19,6 +22,7 @@ are separate, so the encoder keeps its own).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -43,9 +47,16 @@ class TransformerEncoderOutput(NamedTuple):
 class TransformerState:
     """Decoder state of N rows (the search's `SearchState`); every field has rows on dim 0.
 
-    self_k, self_v: (N, L, T, D) self-attention keys/values of the T positions decoded so far.
-    enc_out: (N, S, D) encoder outputs; mask: (N, S) True on real source tokens.
-    cross_k, cross_v: (N, L, S, D) each decoder layer's projections of enc_out.
+    self_k, self_v: (R, L, T, D) self-attention keys/values of the T positions decoded so far.
+    rows: (N,) long, row i's cache is row rows[i] of self_k / self_v; None: R = N, row i is i.
+        Row selections only compose this index; the next step applies it while it copies the
+        cache into the cache one position longer (`TransformerDecoder.step`), so a beam
+        reordering costs no copy of its own.
+    enc_out: (E, S, D) encoder outputs; mask: (E, S) True on real source tokens.
+    cross_k, cross_v: (E, L, S, D) each decoder layer's projections of enc_out.
+    The E encoder entries serve the N rows in groups of `group` = N / E consecutive rows (the
+    hypotheses of one sentence); E = N (group 1) is the plain one-row-per-entry state, as the
+    encoder and the export build it.
     """
 
     self_k: Tensor
@@ -54,23 +65,66 @@ class TransformerState:
     mask: Tensor
     cross_k: Tensor
     cross_v: Tensor
+    rows: Tensor | None = None
 
     @property
     def position(self) -> int:
         """Index of the next target position (T)."""
         return self.self_k.size(2)
 
+    @property
+    def num_rows(self) -> int:
+        """N, the decoder rows (hypotheses)."""
+        return self.self_k.size(0) if self.rows is None else self.rows.numel()
+
+    @property
+    def group(self) -> int:
+        """Rows per encoder entry (N / E)."""
+        return self.num_rows // max(self.mask.size(0), 1)
+
+    def cache(self) -> tuple[Tensor, Tensor]:
+        """The self-attention keys and values of the N rows, (N, L, T, D) each."""
+        if self.rows is None:
+            return self.self_k, self.self_v
+        return self.self_k.index_select(0, self.rows), self.self_v.index_select(0, self.rows)
+
     def index_select(self, idx: Tensor) -> TransformerState:
-        """Rows `idx` (M,) of every field: beam expansion or dropping finished sentences."""
-        return TransformerState(*(getattr(self, f).index_select(0, idx) for f in STATE_FIELDS))
+        """Rows `idx` (M,): beam expansion or dropping finished sentences.
+
+        The encoder fields follow the entries of the selected rows: the new group is the
+        largest size that splits `idx` into runs of rows from one entry (K for the search's
+        selections; 1, one entry per row, for any other), and only the entries of those runs
+        are copied (none when they are all the entries in order, as in beam expansion).
+        """
+        entry = idx // self.group
+        group = _run_group(entry)
+        entries = entry[::group]
+        encoder = {f: getattr(self, f) for f in ENCODER_FIELDS}
+        if not (entries.numel() == self.mask.size(0)
+                and torch.equal(entries, torch.arange(entries.numel(), device=idx.device))):
+            encoder = {f: t.index_select(0, entries) for f, t in encoder.items()}
+        return TransformerState(self_k=self.self_k, self_v=self.self_v, rows=self._rows(idx),
+                                **encoder)
 
     def reorder(self, idx: Tensor) -> TransformerState:
         """Rows `idx` of the per-hypothesis cache only; row idx[i] shares row i's source."""
-        return replace(self, self_k=self.self_k.index_select(0, idx),
-                       self_v=self.self_v.index_select(0, idx))
+        return replace(self, rows=self._rows(idx))
+
+    def _rows(self, idx: Tensor) -> Tensor:
+        """Cache rows of the selected rows `idx`."""
+        return idx if self.rows is None else self.rows.index_select(0, idx)
 
 
-STATE_FIELDS = ("self_k", "self_v", "enc_out", "mask", "cross_k", "cross_v")
+STATE_FIELDS = ("self_k", "self_v", "enc_out", "mask", "cross_k", "cross_v")  # as exported
+ENCODER_FIELDS = STATE_FIELDS[2:]
+
+
+def _run_group(entry: Tensor) -> int:
+    """The largest g such that every g consecutive values of `entry` (M,) are equal, g | M."""
+    if entry.numel() == 0:
+        return 1
+    _, counts = torch.unique_consecutive(entry, return_counts=True)
+    return math.gcd(*counts.tolist())
 
 
 class _Stack(nn.Module):
@@ -156,13 +210,18 @@ class TransformerDecoder(_Stack):
 
         weights are the last layer's cross-attention weights averaged over heads. The new
         cache (N, L, T + 1, D) is allocated once and the layers write their position into it
-        (`DecoderLayer.step`), so a step copies the cache once, not per layer and again to
-        concatenate.
+        (`DecoderLayer.step`), so a step copies the cache once (applying the state's pending
+        row selection on the way), not per layer and again to concatenate.
         """
-        position, (rows, layers, _, width) = state.position, state.self_k.shape
+        position, (_, layers, _, width) = state.position, state.self_k.shape
+        rows = state.num_rows
         self_k = state.self_k.new_empty(rows, layers, position + 1, width)
         self_v = state.self_v.new_empty(rows, layers, position + 1, width)
-        self_k[:, :, :position], self_v[:, :, :position] = state.self_k, state.self_v
+        if state.rows is None:
+            self_k[:, :, :position], self_v[:, :, :position] = state.self_k, state.self_v
+        else:  # the pending row selection, applied by the copy itself
+            torch.index_select(state.self_k, 0, state.rows, out=self_k[:, :, :position])
+            torch.index_select(state.self_v, 0, state.rows, out=self_v[:, :, :position])
         x = self.add_positions(emb[:, None, :], position)  # (N, 1, D)
         src_allowed = state.mask[:, None, :]  # (N, 1, S)
         weights: Tensor | None = None
@@ -171,7 +230,7 @@ class TransformerDecoder(_Stack):
             x, weights = layer.step(x, self_k[:, i], self_v[:, i], state.cross_k[:, i],
                                     state.cross_v[:, i], src_allowed, need_weights=i == last)
         assert weights is not None  # the last layer returns them
-        return (self.norm(x)[:, 0], replace(state, self_k=self_k, self_v=self_v),
+        return (self.norm(x)[:, 0], replace(state, self_k=self_k, self_v=self_v, rows=None),
                 weights[:, 0])
 
     def forward(self, state: TransformerState, emb: Tensor,
@@ -190,10 +249,11 @@ class TransformerDecoder(_Stack):
         weights (B, T, S) (None without `need_weights`)."""
         x = self.add_positions(emb, state.position)  # (B, T, D)
         src_allowed = state.mask[:, None, :]  # (B, 1, S)
+        cache_k, cache_v = state.cache()
         keys, values, weights = [], [], None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, k, v, weights = layer(x, state.self_k[:, i], state.self_v[:, i],
+            x, k, v, weights = layer(x, cache_k[:, i], cache_v[:, i],
                                      state.cross_k[:, i], state.cross_v[:, i], src_allowed,
                                      need_weights=need_weights and i == last)
             keys.append(k)
@@ -224,7 +284,7 @@ class Transformer(EncoderDecoder):
     def step(self, state: TransformerState,
              prev_tokens: Tensor) -> tuple[Tensor, TransformerState, Tensor]:
         """prev_tokens (N,) long (BOS_ID first) -> log_probs (N, V), new state, weights (N, S)."""
-        check_shapes(("state.enc_out", state.enc_out, "N S D"), ("prev_tokens", prev_tokens, "N"))
+        check_shapes(("prev_tokens", prev_tokens, "N"), dims={"N": state.num_rows})
         features, state, weights = self.decoder.step(state, self.decoder.embed(prev_tokens))
         return self.decoder.logits(features).log_softmax(dim=-1), state, weights
 

@@ -224,10 +224,18 @@ class DecoderLayer(nn.Module):
     def _attend(self, x: Tensor, h: Tensor, keys: Tensor, values: Tensor,
                 self_allowed: Tensor | None, cross_k: Tensor, cross_v: Tensor,
                 src_allowed: Tensor, need_weights: bool) -> tuple[Tensor, Tensor | None]:
-        """Self-attention of h = norm(x) over keys/values, cross-attention, feed-forward."""
+        """Self-attention of h = norm(x) over keys/values, cross-attention, feed-forward.
+
+        x (B, T, D) with cross_k, cross_v (E, S, D) and src_allowed (E, 1, S), where the B rows
+        share the E encoder entries in groups of B / E consecutive rows (E = B: one each; a
+        group of K beam hypotheses with T = 1 attends as K queries of its one entry).
+        """
         out, _ = self.self_attn(h, keys, values, self_allowed, need_weights=False)
         x = x + self.dropout(out)
-        out, weights = self.cross_attn(self.norm_cross(x), cross_k, cross_v, src_allowed,
-                                       need_weights)
-        x = x + self.dropout(out)
+        rows, steps, width = x.shape
+        queries = self.norm_cross(x).reshape(cross_k.size(0), -1, width)  # (E, B / E * T, D)
+        out, weights = self.cross_attn(queries, cross_k, cross_v, src_allowed, need_weights)
+        x = x + self.dropout(out.reshape(rows, steps, width))
+        if weights is not None:
+            weights = weights.reshape(rows, steps, -1)
         return x + self.dropout(self.ff(self.norm_ff(x))), weights
