@@ -20,6 +20,7 @@ from nmt.data.datamodule import Batch
 from nmt.lit_module import Seq2SeqModule
 from nmt.model import Transformer, TransformerState, beam_search, build_model, greedy_search
 from nmt.model.quantize import quantize_int8
+from nmt.model.transformer import ENCODER_FIELDS
 from nmt.shortlist import ShortlistModel, output_layer
 from nmt.specials import BOS_ID, EOS_ID, PAD_ID
 
@@ -126,7 +127,7 @@ def test_grouped_state_steps_as_one_entry_per_row() -> None:
     def copied(state: TransformerState, idx: torch.Tensor) -> TransformerState:
         self_k, self_v = state.cache()
         return TransformerState(self_k[idx], self_v[idx], *(
-            getattr(state, f)[idx] for f in ("enc_out", "mask", "cross_k", "cross_v")))
+            getattr(state, f)[idx] for f in ENCODER_FIELDS))
 
     def same(a: tuple, b: tuple) -> None:
         for x, y in zip(a, b, strict=True):
