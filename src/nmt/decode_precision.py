@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from nmt import precision as hw
 from nmt.config import DECODE_PRECISIONS, ConfigError
+from nmt.row_buckets import bucket_linears_
 from nmt.shortlist import ShortlistModel
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ def resolve_decode_precision(precision: str, device: str | torch.device = "cpu",
 
 
 def bf16_copy(model: nn.Module) -> nn.Module:
-    """A bf16 copy of `model` for decoding (eval mode); `model` itself is not changed."""
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
+    """A bf16 copy of `model` for decoding (eval mode); `model` itself is not changed. Its
+    linear layers pad their rows to a few sizes (`nmt.row_buckets`: fewer oneDNN kernel builds
+    on CPU, the same results)."""
+    return bucket_linears_(copy.deepcopy(model).to(torch.bfloat16).eval())
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from nmt.io import atomic_path
 from nmt.model import SearchResult, Seq2Seq, Transformer
 from nmt.model.search import SearchState
+from nmt.row_buckets import bucketed_linear
 from nmt.specials import SPECIAL_PIECES
 
 NUM_SPECIALS = len(SPECIAL_PIECES)  # ids 0..3: PAD, UNK, BOS, EOS
@@ -234,8 +235,11 @@ class ShortlistModel(nn.Module):
             state = _RowState(state, torch.arange(state.mask.size(0), device=state.mask.device))
         decoder = self.model.decoder
         features, new_inner, weights = decoder.step(state.inner, decoder.embed(self.ids[prev]))
-        logits = features @ self.weight.t() if self.bias is None else torch.addmm(
-            self.bias, features, self.weight.t())
+        if self.weight.dtype == torch.bfloat16:  # a bf16 copy decodes: few kernel shapes
+            logits = bucketed_linear(features, self.weight, self.bias)
+        else:
+            logits = features @ self.weight.t() if self.bias is None else torch.addmm(
+                self.bias, features, self.weight.t())
         if self.banned is not None:
             logits.masked_fill_(self.banned.index_select(0, state.sentence), float("-inf"))
         # fp32 log-softmax also for a bf16 model (`Translator` precision bf16)
