@@ -203,3 +203,13 @@ def amx(monkeypatch: pytest.MonkeyPatch) -> None:
     import nmt.precision
 
     monkeypatch.setattr(nmt.precision, "cpu_bf16_flags", lambda: ["amx_bf16", "avx512_bf16"])
+
+
+@pytest.fixture()
+def restore_serve_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`nmt serve` (`nmt.rest.serve_threads`) sets OMP_NUM_THREADS and this process's torch
+    threads: start without the variable, and put both back afterwards."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

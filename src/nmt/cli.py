@@ -240,9 +240,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from nmt.model_ref import ModelNotFoundError, is_model_uri
-    from nmt.rest import serve
+    from nmt.rest import serve, serve_threads
 
     try:
+        serve_threads(args.threads)  # before torch loads (OpenMP reads it then)
         model, uri = resolve_model(args.model, args.params)
         if is_model_uri(model):
             import mlflow
@@ -256,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: cannot load {model}: {exc}; `dvc repro export` registers the project's "
               "model", file=sys.stderr)
         return 1
-    except ValueError as exc:  # a deploy setting read at load: NMT_PRECISION, NMT_INT8
+    except ValueError as exc:  # a deploy setting: NMT_PRECISION, NMT_INT8, --threads
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", "-H", default="127.0.0.1", help="address to listen on "
                    "(default: 127.0.0.1, this machine only)")
     p.add_argument("--port", "-p", type=int, default=5001, help="port (default: 5001)")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads per "
+                   "request (default: OMP_NUM_THREADS if set, else 1: faster on MLflow's "
+                   "worker threads; see nmt.rest.serve_threads)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("params", help="check params.yaml and print the resolved values")

@@ -213,6 +213,7 @@ def test_precision_switch_of_a_folder_and_of_the_pyfunc(
     assert "--precision auto: this CPU" in caplog.text and "decoding in fp32" in caplog.text
 
 
+@pytest.mark.usefixtures("restore_serve_threads")
 def test_serving_env_sets_the_pyfunc_precision(exported: dict, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     uri = f"runs:/{exported['run_id']}/translator"

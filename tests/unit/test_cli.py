@@ -73,11 +73,20 @@ def test_outside_a_project_says_what_to_pass(tmp_path: Path, capsys, monkeypatch
     assert "set MLFLOW_TRACKING_URI" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("restore_serve_threads")
 def test_serve_a_missing_model_is_a_one_line_error(tmp_path: Path, capsys) -> None:
     assert main(["serve", "--model", str(tmp_path / "nothing"), "--port", "1"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: cannot load") and "dvc repro export" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("restore_serve_threads")
+def test_serve_refuses_a_bad_thread_count_before_loading(tmp_path: Path, capsys) -> None:
+    assert main(["serve", "--model", str(tmp_path / "nothing"), "--threads", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: threads: must be a whole number >= 1, got '0' (--threads or " \
+                  "OMP_NUM_THREADS)\n"
 
 
 def test_translate_rejects_a_beam_outside_the_range_before_loading(tmp_path: Path,

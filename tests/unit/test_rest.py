@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 import pytest
 
-from nmt.rest import MAX_MESSAGE_CHARS, RequestGuard, clean_error_body
+from nmt.rest import MAX_MESSAGE_CHARS, THREADS_ENV, RequestGuard, clean_error_body, serve_threads
 
 STACK = "Traceback (most recent call last):\n  File \"/srv/app/secret.py\", line 1\n"
 
@@ -105,3 +106,30 @@ def test_other_paths_are_not_touched() -> None:
     inner = Inner()
     status, _, payload = call(RequestGuard(inner), b"not json", "text/plain", path="/ping")
     assert status == 200 and payload == b"not json" and inner.calls == 1
+
+
+@pytest.mark.parametrize(("requested", "env", "expected"), [
+    (None, None, 1), (None, "2", 2), (3, "2", 3), (1, None, 1)])
+def test_the_server_decodes_on_one_thread_unless_told(restore_serve_threads: None,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      requested: int | None, env: str | None,
+                                                      expected: int) -> None:
+    import torch
+
+    if env is not None:
+        monkeypatch.setenv(THREADS_ENV, env)
+    assert serve_threads(requested) == expected
+    assert os.environ[THREADS_ENV] == str(expected) and torch.get_num_threads() == expected
+
+
+@pytest.mark.parametrize(("requested", "env"), [(0, None), (-2, None), (None, "two"),
+                                                (None, "0")])
+def test_a_bad_thread_count_is_refused_naming_both_settings(restore_serve_threads: None,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            requested: int | None,
+                                                            env: str | None) -> None:
+    if env is not None:
+        monkeypatch.setenv(THREADS_ENV, env)
+    with pytest.raises(ValueError, match=r"threads: must be a whole number >= 1, got .*"
+                                         r"\(--threads or OMP_NUM_THREADS\)"):
+        serve_threads(requested)
