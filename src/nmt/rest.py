@@ -229,10 +229,11 @@ def serve_threads(requested: int | None = None) -> int:
     OpenMP thread wakes up slowly for every one of a step's small products (OpenMP spins less
     once the threads outnumber the cores), so one thread is faster. Measured with
     `bench/serve_latency.py` (beam 5) on a 2-core Xeon with AMX: one sentence p50 / p95 41 / 93
-    -> 19 / 39 ms in bf16 and 31 / 71 -> 14 / 30 ms in fp32; batches of 64 sentences 315-320 ->
-    513 sentences/s in bf16. (On a 2-core avx2 EPYC one sentence went 72 -> 52 ms, batches 145
-    -> 126 sentences/s: a batch-only server may want `--threads 2`.) OpenMP reads the setting
-    when torch loads, so this runs before the model does.
+    -> 19-20 / 39-41 ms in bf16 and 31 / 71 -> 14 / 29 ms in fp32; batches of 64 sentences
+    315-320 -> 507-509 sentences/s in bf16 (reports/bench/serve_threads_amx.json). (On a 2-core
+    avx2 EPYC one sentence went 72 -> 52 ms, batches 145 -> 126 sentences/s: a batch-only server
+    there may want `--threads 2`.) OpenMP reads the setting when torch loads, so this runs
+    before the model does.
     """
     value = os.environ.get(THREADS_ENV, "").strip() if requested is None else str(requested)
     threads = SERVE_THREADS if not value else _positive(value)
