@@ -235,11 +235,8 @@ class ShortlistModel(nn.Module):
             state = _RowState(state, torch.arange(state.mask.size(0), device=state.mask.device))
         decoder = self.model.decoder
         features, new_inner, weights = decoder.step(state.inner, decoder.embed(self.ids[prev]))
-        if self.weight.dtype == torch.bfloat16:  # a bf16 copy decodes: few kernel shapes
-            logits = bucketed_linear(features, self.weight, self.bias)
-        else:
-            logits = features @ self.weight.t() if self.bias is None else torch.addmm(
-                self.bias, features, self.weight.t())
+        # F.linear (addmm / mm), with a bf16 copy's rows padded to few kernel shapes
+        logits = bucketed_linear(features, self.weight, self.bias)
         if self.banned is not None:
             logits.masked_fill_(self.banned.index_select(0, state.sentence), float("-inf"))
         # fp32 log-softmax also for a bf16 model (`Translator` precision bf16)
