@@ -282,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbest", type=int, default=None, help="hypotheses per sentence, printed as "
                    "LINE<TAB>SCORE<TAB>TEXT when > 1 (LINE counts from 0)")
     p.add_argument("--batch-size", type=int, default=None, help="sentences decoded together "
-                   "(default: the model's evaluate.search.batch_size)")
+                   "(default: the model's evaluate.search.batch_size, scaled to keep its "
+                   "hypotheses per batch at another --beam: greedy takes 5x the sentences)")
     p.add_argument("--int8", action="store_true", help="decode with an int8 copy of the model "
                    "(CPU only; faster, outputs may differ slightly from fp32)")
     p.add_argument("--precision", choices=DECODE_PRECISIONS, default=None, help="decoding "

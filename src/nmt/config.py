@@ -275,6 +275,12 @@ class SearchConfig:
         _require(self.max_len_offset >= 0, f"{p}.max_len_offset", "must be >= 0")
         _require(self.batch_size >= 1, f"{p}.batch_size", "must be >= 1")
 
+    def sentences_per_batch(self, beam_size: int) -> int:
+        """Sources decoded together at `beam_size` when the caller names no batch size:
+        `batch_size` at the configured beam width; another width keeps the hypotheses per batch
+        (batch_size x beam_size rows), so greedy decodes beam_size times as many sources."""
+        return max(1, self.batch_size * self.beam_size // max(beam_size, 1))
+
 
 @dataclass(frozen=True)
 class ShortlistConfig:

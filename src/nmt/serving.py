@@ -9,7 +9,8 @@ Request contract (`predict`, and `POST /invocations` of `nmt serve` and `mlflow 
 - input: English sentences, a list of strings (REST: `{"inputs": [...]}`), or a DataFrame whose
   first (only) column holds them;
 - params (all optional): `beam_size` (1 = greedy, <= MAX_BEAM), `nbest` (<= beam_size),
-  `batch_size` (sentences decoded together, <= MAX_SENTENCES);
+  `batch_size` (sentences decoded together, <= MAX_SENTENCES; default: the model's, scaled to
+  keep its hypotheses per batch at another beam_size);
 - output: per sentence `{"translation", "score", "truncated", "nbest": [{"translation",
   "score"}, ...]}`, best first;
 - rejected with HTTP 400 / `RequestRejected` (a one-line message that MLflow's server does not
@@ -215,7 +216,8 @@ class TranslatorModel(PythonModel):
         params = params or {}
         beam = int(params.get("beam_size", search.beam_size))
         nbest = int(params.get("nbest", 1))
-        batch = int(params.get("batch_size", search.batch_size))
+        batch = int(params.get("batch_size", min(search.sentences_per_batch(beam),
+                                                  MAX_SENTENCES)))
         sentences = list(model_input)
         check_request(sentences, beam, nbest, batch)
         results = self.translator.translate(sentences, beam_size=beam, nbest=nbest,

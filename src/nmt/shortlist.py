@@ -73,11 +73,20 @@ class Shortlist:
     def batch(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """Shortlist of a batch (B, S): the union `ids` (N,) and `allowed` (B, N), bool, True
         where ids[j] is on sentence b's own shortlist."""
-        rows = src.detach().cpu().numpy()
-        ids = self._ids(np.unique(rows))
-        allowed = np.stack([np.isin(ids, self._ids(np.unique(row)), assume_unique=True)
-                            for row in rows])
-        return torch.from_numpy(ids).long(), torch.from_numpy(allowed)
+        rows = src.detach().cpu().numpy().astype(np.int64)
+        vocab = self.src_vocab_size
+        row_of, col = np.nonzero((rows >= 0) & (rows < vocab))
+        pairs = np.unique(row_of * vocab + rows[row_of, col])  # distinct (sentence, piece)
+        row_of, piece = pairs // vocab, pairs % vocab
+        starts, lengths = self.offsets[piece], self.offsets[piece + 1] - self.offsets[piece]
+        # every pair's slice of `targets`, concatenated without a Python loop
+        flat = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths),
+                                                         lengths)
+        member = np.zeros((rows.shape[0], self.trg_vocab_size), dtype=bool)  # (B, V_trg)
+        member[np.repeat(row_of, lengths), self.targets[flat]] = True
+        member[:, self.always] = True
+        ids = np.flatnonzero(member.any(axis=0)).astype(np.int64)
+        return torch.from_numpy(ids).long(), torch.from_numpy(member[:, ids])
 
     def _ids(self, present: np.ndarray) -> np.ndarray:
         present = present[(present >= 0) & (present < self.src_vocab_size)]

@@ -13,7 +13,10 @@ Per call to `translate`:
    per call, `Translation.truncated`); pieces the tokenizer does not know become UNK
    (`Translation.unk_count`);
 4. sentences are sorted by length, decoded in batches of `batch_size` (beam search, or greedy
-   search when beam_size = 1) and returned in input order. With a lexical shortlist
+   search when beam_size = 1) and returned in input order. Without a batch size the batch holds
+   `search.batch_size x search.beam_size` hypotheses whatever the width asked for, so greedy
+   search decodes 5x the sources per batch at the defaults (test split, bf16 on a Xeon with AMX:
+   961-979 -> 1,334-1,366 sentences/s, a fresh process as in the evaluate stage). With a lexical shortlist
    (`nmt.shortlist`, `models/shortlist.npz`) each batch is searched over the target pieces its
    source pieces make likely instead of the whole vocabulary.
 
@@ -225,14 +228,16 @@ class Translator:
         """Translate `sentences` (raw text); see the module docstring for the steps.
 
         `beam_size`, `nbest` and `batch_size` default to the `search` settings; nbest must not
-        exceed beam_size.
+        exceed beam_size. The default batch keeps the hypotheses per batch of the configured
+        beam (`SearchConfig.sentences_per_batch`: greedy takes 640 sources where beam 5 takes
+        128).
         """
         beam = self.search.beam_size if beam_size is None else beam_size
         n = self.search.nbest if nbest is None else nbest
         if nbest is None and beam_size is not None:
             n = min(n, beam)
-        batch = self.search.batch_size if batch_size is None else batch_size
         check_beam(beam, n, max_beam=None)  # the search works for any width
+        batch = self.search.sentences_per_batch(beam) if batch_size is None else batch_size
         if batch < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch}")
         check_text(sentences)

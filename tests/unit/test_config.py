@@ -11,6 +11,7 @@ import yaml
 from conftest import REPO, TINY_PROFILE
 from nmt.config import (
     ConfigError,
+    SearchConfig,
     beam_problem,
     check_beam,
     flatten,
@@ -121,3 +122,14 @@ def test_one_beam_rule_for_every_caller() -> None:
     assert beam_problem(3, 0) == ("nbest", "must be in [1, beam_size=3], got 0")
     with pytest.raises(ValueError, match=r"^--nbest: must be in \[1, beam_size=2\], got 3$"):
         check_beam(2, 3, beam_key="--beam", nbest_key="--nbest")
+
+
+def test_default_batch_keeps_the_hypotheses_of_the_configured_beam() -> None:
+    search = SearchConfig(beam_size=5, length_penalty=0.6, max_len_ratio=1.5, max_len_offset=10,
+                          nbest=1, batch_size=128)
+    assert search.sentences_per_batch(5) == 128
+    assert search.sentences_per_batch(1) == 640  # greedy: the same 640 rows
+    assert search.sentences_per_batch(10) == 64
+    assert search.sentences_per_batch(64) == 10
+    tiny = dataclasses.replace(search, batch_size=1)
+    assert tiny.sentences_per_batch(64) == 1  # never below one sentence

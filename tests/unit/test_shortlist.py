@@ -180,3 +180,22 @@ def test_each_sentence_keeps_its_own_shortlist_inside_a_batch() -> None:
             assert all(set(h) <= own for h in alone_tokens[0])
     ids, allowed = sl.batch(src)
     assert allowed.shape == (3, len(ids)) and not bool(allowed.all())  # the union is wider
+
+
+def test_batch_matches_each_sentences_own_list() -> None:
+    """`batch` (vectorised) against its definition, one sentence at a time: the union of the
+    lists of the pieces present (PAD, EOS and out-of-range ids add only `always`), and each
+    row's own membership."""
+    sl, _ = _random_shortlist(2)
+    gen = torch.Generator().manual_seed(5)
+    for rows, width in ((1, 1), (1, 6), (4, 3), (17, 9)):
+        src = torch.randint(0, V + 3, (rows, width), generator=gen)  # some ids >= V: ignored
+        src[0, -1] = 0
+        ids, allowed = sl.batch(src)
+        own = [set(sl.always.tolist()).union(*(
+            sl.targets[sl.offsets[s]:sl.offsets[s + 1]].tolist()
+            for s in row.tolist() if 0 <= s < V)) for row in src]
+        assert ids.tolist() == sorted(set().union(*own))
+        assert allowed.shape == (rows, len(ids)) and allowed.dtype == torch.bool
+        for b in range(rows):
+            assert {i for i, ok in zip(ids.tolist(), allowed[b].tolist()) if ok} == own[b]

@@ -210,3 +210,29 @@ def test_beam_wider_than_the_target_vocabulary(translator: Translator) -> None:
     assert all(t.scores == sorted(t.scores, reverse=True) for t in wide)
     with pytest.raises(ValueError, match=r"^beam_size: must be >= 1, got 0$"):
         translator.translate(["x"], beam_size=0)
+
+
+def test_default_batch_scales_with_the_beam_and_an_explicit_one_is_kept(
+        translator: Translator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SEARCH decodes 2 sentences x beam 3 per batch: greedy takes 6, beam 6 takes 1."""
+    sizes: list[int] = []
+    search = translator._search
+
+    def spy(ids: list[list[int]], beam: int, nbest: int):  # noqa: ANN202
+        sizes.append(len(ids))
+        return search(ids, beam, nbest)
+
+    monkeypatch.setattr(translator, "_search", spy)
+    sentences = ["a long one.", "hi", "mid size", "x", "longer one!", "ok", "bye"]
+    greedy = translator.translate(sentences, beam_size=1)
+    assert sizes == [6, 1]
+    sizes.clear()
+    translator.translate(sentences)
+    assert sizes == [2, 2, 2, 1]
+    sizes.clear()
+    translator.translate(sentences[:3], beam_size=6)
+    assert sizes == [1, 1, 1]
+    sizes.clear()
+    assert [t.tokens for t in translator.translate(sentences, beam_size=1, batch_size=3)] == \
+        [t.tokens for t in greedy]
+    assert sizes == [3, 3, 1]

@@ -173,7 +173,9 @@ class PortableTranslator:
         cfg = self.config
         beam = cfg["beam_size"] if beam_size is None else beam_size
         n = min(cfg["nbest"], beam) if nbest is None else nbest
-        batch = cfg["batch_size"] if batch_size is None else batch_size
+        # as `SearchConfig.sentences_per_batch`: the configured beam's hypotheses per batch
+        batch = (max(1, cfg["batch_size"] * cfg["beam_size"] // max(beam, 1))
+                 if batch_size is None else batch_size)
         if beam < 1 or not 1 <= n <= beam or batch < 1:
             raise ValueError(f"need beam_size >= 1, 1 <= nbest <= beam_size, batch_size >= 1; "
                              f"got {beam}, {n}, {batch}")
