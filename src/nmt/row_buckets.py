@@ -26,6 +26,7 @@ from torch import Tensor, nn
 EXACT_UP_TO = 8  # row counts kept as they are (one sentence: 1, then beam 5)
 MIN_STEP = 16  # bucket width at small row counts
 STEPS_PER_DOUBLING = 8  # above 16 * 16 rows: buckets of 1/8 of the power of two below
+FP32_UP_TO = 8  # BucketedLinear: bf16 products of at most this many rows run in fp32
 
 
 def bucket_rows(rows: int) -> int:
@@ -50,10 +51,20 @@ def bucketed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
 
 
 class BucketedLinear(nn.Linear):
-    """An `nn.Linear` whose bf16 CPU products go through `bucketed_linear`."""
+    """An `nn.Linear` whose bf16 CPU products go through `bucketed_linear`; products of at most
+    `FP32_UP_TO` rows run in fp32 on the same (bf16-valued) weights instead."""
+
+    _fp32: tuple[Tensor, Tensor | None] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return bucketed_linear(x, self.weight, self.bias)
+        weight = self.weight
+        if (weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+                and x.numel() <= FP32_UP_TO * x.size(-1)):
+            if self._fp32 is None:
+                self._fp32 = (weight.detach().float(),
+                              None if self.bias is None else self.bias.detach().float())
+            return F.linear(x.float(), *self._fp32).to(x.dtype)
+        return bucketed_linear(x, weight, self.bias)
 
 
 def bucket_linears_(module: nn.Module) -> nn.Module:

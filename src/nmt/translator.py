@@ -16,9 +16,9 @@ Per call to `translate`:
    search when beam_size = 1) and returned in input order. Without a batch size the batch holds
    `search.batch_size x search.beam_size` hypotheses whatever the width asked for, so greedy
    search decodes 5x the sources per batch at the defaults (test split, bf16 on a Xeon with AMX:
-   961-979 -> 1,334-1,366 sentences/s, a fresh process as in the evaluate stage). With a lexical shortlist
-   (`nmt.shortlist`, `models/shortlist.npz`) each batch is searched over the target pieces its
-   source pieces make likely instead of the whole vocabulary.
+   961-979 -> 1,334-1,366 sentences/s, a fresh process as in the evaluate stage). With a
+   lexical shortlist (`nmt.shortlist`, `models/shortlist.npz`) each batch is searched over the
+   target pieces its source pieces make likely instead of the whole vocabulary.
 
 Precision (`evaluate.search.precision`, `nmt.decode_precision`): `bf16` decodes with a bf16
 copy of the model, with the log-softmax and every search score in fp32; `fp32` decodes as

@@ -108,3 +108,31 @@ def test_bucketing_changes_no_translation(amx: None, beam: int,
     exact = _bf16_translator().translate(SENTENCES, beam_size=beam)
     assert [t.tokens for t in bucketed] == [t.tokens for t in exact]
     assert [t.scores for t in bucketed] == [t.scores for t in exact]
+
+
+def test_products_of_few_rows_run_in_fp32_on_the_bf16_weights(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to FP32_UP_TO rows a bf16 BucketedLinear multiplies in fp32 (faster than a bf16 kernel
+    at a handful of rows): exactly the fp32 product of the same bf16 values, rounded to bf16 once,
+    so within one bf16 rounding of the bf16 kernel; more rows take the padded bf16 kernel."""
+    torch.manual_seed(1)
+    layer = nn.Linear(32, 48).to(torch.bfloat16)
+    layer.__class__ = BucketedLinear
+    seen: list[tuple[torch.dtype, int]] = []
+    real = F.linear
+
+    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        seen.append((weight.dtype, x.size(0)))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(rb.F, "linear", spy)
+    for rows in (1, 5, rb.FP32_UP_TO):
+        x = torch.randn(rows, 32).to(torch.bfloat16)
+        out = layer(x)
+        assert out.dtype == torch.bfloat16
+        expected = real(x.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+        assert torch.equal(out, expected), rows
+        torch.testing.assert_close(out, real(x, layer.weight, layer.bias), rtol=8e-3, atol=1e-2)
+    layer(torch.randn(rb.FP32_UP_TO + 1, 32).to(torch.bfloat16))
+    assert seen == [(torch.float32, 1), (torch.float32, 5), (torch.float32, rb.FP32_UP_TO),
+                    (torch.bfloat16, 16)]

@@ -198,4 +198,5 @@ def test_batch_matches_each_sentences_own_list() -> None:
         assert ids.tolist() == sorted(set().union(*own))
         assert allowed.shape == (rows, len(ids)) and allowed.dtype == torch.bool
         for b in range(rows):
-            assert {i for i, ok in zip(ids.tolist(), allowed[b].tolist()) if ok} == own[b]
+            mine = zip(ids.tolist(), allowed[b].tolist(), strict=True)
+            assert {i for i, ok in mine if ok} == own[b]

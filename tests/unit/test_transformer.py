@@ -266,6 +266,33 @@ def test_each_dropout_applies_in_training_only(kind: str) -> None:
     assert not torch.allclose(model(src, lengths, trg_in), model(src, lengths, trg_in))
 
 
+def test_sinusoids_come_from_a_table_bit_for_bit_and_are_not_saved() -> None:
+    """Decoding reads its position from a table computed once; the values are those computed
+    on the fly (also in bf16 and past the table's end), and the table is not in the weights."""
+    from nmt.model.transformer_layers import Positions, sinusoids
+
+    positions = Positions(kind="sinusoidal", d_model=16, max_positions=32)
+    like = torch.zeros(1)
+    for start, length in ((0, 1), (7, 1), (0, 32), (5, 20), (31, 1), (30, 5), (40, 3)):
+        computed = sinusoids(torch.arange(start, start + length), 16)
+        assert torch.equal(positions(start, length, like), computed), (start, length)
+        assert torch.equal(positions(start, length, like.bfloat16()),
+                           computed.to(torch.bfloat16))
+    assert positions.sinusoid_table is not None and positions.sinusoid_table.shape == (32, 16)
+    model = make_model()
+    assert not any("sinusoid" in name for name in model.state_dict())
+    assert Positions(kind="learned", d_model=16, max_positions=8).sinusoid_table is None
+
+
+def test_no_dropout_modules_when_every_rate_is_zero() -> None:
+    # p = 0 builds nn.Identity (no call into ATen at every use); p > 0 a real nn.Dropout
+    zero = make_model(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in zero.modules())
+    some = make_model(dropout=0.1, activation_dropout=0.0)
+    # the two stacks' embedding dropout and one per encoder and decoder layer
+    assert sum(isinstance(m, torch.nn.Dropout) for m in some.modules()) == 2 + 2 * TF.layers
+
+
 @pytest.mark.parametrize(("override", "key", "words"), [
     ({"heads": 3}, "model.transformer.d_model", "multiple of model.transformer.heads=3"),
     ({"heads": 0}, "model.transformer.heads", ">= 1"),

@@ -32,7 +32,13 @@ from torch import Tensor, nn
 from nmt.config import ModelConfig
 from nmt.model.seq2seq import EncoderDecoder
 from nmt.model.shapes import check_shapes
-from nmt.model.transformer_layers import DecoderLayer, EncoderLayer, PositionKind, Positions
+from nmt.model.transformer_layers import (
+    DecoderLayer,
+    EncoderLayer,
+    PositionKind,
+    Positions,
+    dropout_module,
+)
 from nmt.specials import PAD_ID
 
 
@@ -140,7 +146,7 @@ class _Stack(nn.Module):
         self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=PAD_ID)
         self.positions = Positions(kind=positions, d_model=d_model, max_positions=max_positions)
         self.scale = d_model ** 0.5
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout_module(dropout)
         self.layers = nn.ModuleList(
             self.layer_type(d_model=d_model, heads=heads, ff_dim=ff_dim, dropout=dropout,
                             attention_dropout=attention_dropout,
