@@ -2,9 +2,12 @@
 
 Prints one JSON object. For each device (CPU, plus CUDA when available) and the same model:
     loop_greedy     one sentence per call, greedy (how the classic PyTorch tutorial decodes)
-    batched_greedy  length-sorted batches of --batch-size, greedy
-    batched_beam    length-sorted batches of --batch-size, beam --beam (GNMT length penalty and
-                    length cap from the model's evaluate.search settings)
+    batched_greedy  length-sorted batches, greedy
+    batched_beam    length-sorted batches, beam --beam (GNMT length penalty and length cap from
+                    the model's evaluate.search settings)
+Batches hold --batch-size sources; without it the product's default (`Translator`: the model's
+evaluate.search.batch_size at its beam, and as many hypotheses per batch at another width, so
+greedy decodes 640 sources at a time where beam 5 decodes 128).
 with sentences/s, target tokens/s (EOS included), outputs that hit the length cap and corpus
 BLEU against all references. These use the model folder's lexical shortlist when it has one
 (`models/shortlist.npz`, as the product does); then on CPU also
@@ -60,6 +63,7 @@ from nmt.metrics import corpus_bleu
 from nmt.translator import Translation, Translator
 
 T = TypeVar("T")
+WARMUP = 256  # sources decoded before timing when no --batch-size is given
 TARGET_SPEEDUP = 10.0  # batched beam 5 vs the one-at-a-time greedy loop
 TARGET_BEAM_PER_S = 150.0  # batched beam 5 on CPU, default model
 # issue 16, on a CPU with bf16 units (fp32 there: 335 and 1,046 sentences/s)
@@ -107,11 +111,12 @@ def _time_loop(translator: Translator, sources: list[str]) -> tuple[list[Transla
 
 
 def bench_device(translator: Translator, sources: list[str], references: list[list[str]],
-                 loop_limit: int, batch_size: int,
+                 loop_limit: int, batch_size: int | None,
                  beam: int) -> tuple[dict[str, object], list[Translation]]:
     """Time the three modes on the translator's device; also returns the beam outputs."""
     device = translator.device
-    translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
+    translator.translate(sources[:batch_size or WARMUP], beam_size=beam,  # warm-up
+                         batch_size=batch_size)
     picked = _loop_picks(len(sources), loop_limit)
     loop, loop_s = _time_loop(translator, [sources[i] for i in picked])
     greedy, greedy_s = _timed(lambda: translator.translate(sources, beam_size=1,
@@ -133,11 +138,12 @@ def bench_device(translator: Translator, sources: list[str], references: list[li
 
 
 def bench_int8(translator: Translator, sources: list[str], references: list[list[str]],
-               loop_limit: int, batch_size: int, beam: int,
+               loop_limit: int, batch_size: int | None, beam: int,
                fp32: Sequence[Translation]) -> dict[str, object]:
     """Batched beam and the one-at-a-time loop with the translator switched to int8 (CPU)."""
     translator.to_int8()
-    translator.translate(sources[:batch_size], beam_size=beam, batch_size=batch_size)  # warm-up
+    translator.translate(sources[:batch_size or WARMUP], beam_size=beam,  # warm-up
+                         batch_size=batch_size)
     picked = _loop_picks(len(sources), loop_limit)
     loop, loop_s = _time_loop(translator, [sources[i] for i in picked])
     beamed, seconds = _timed(lambda: translator.translate(sources, beam_size=beam,
@@ -149,7 +155,7 @@ def bench_int8(translator: Translator, sources: list[str], references: list[list
 
 
 def bench_full_vocab(translator: Translator, sources: list[str], references: list[list[str]],
-                     loop_limit: int, batch_size: int, beam: int,
+                     loop_limit: int, batch_size: int | None, beam: int,
                      shortlisted: Sequence[Translation]) -> dict[str, object]:
     """The loop and batched beam over the whole target vocabulary (no shortlist)."""
     full = translator.without_shortlist()
@@ -164,7 +170,7 @@ def bench_full_vocab(translator: Translator, sources: list[str], references: lis
 
 
 def bench_precision(translator: Translator, sources: list[str], references: list[list[str]],
-                    batch_size: int, beam: int, repeats: int,
+                    batch_size: int | None, beam: int, repeats: int,
                     int8: bool) -> dict[str, object]:
     """Batched greedy and beam in fp32 and bf16 (alternating runs, best time), compared."""
     runs: dict[str, Translator] = {"fp32": translator.to_precision("fp32")}
@@ -185,7 +191,7 @@ def bench_precision(translator: Translator, sources: list[str], references: list
     for mode, width in searches.items():
         best: dict[str, float] = {}
         for t in runs.values():  # warm-up (autocast and allocator caches)
-            t.translate(sources[:batch_size], beam_size=width, batch_size=batch_size)
+            t.translate(sources[:batch_size or WARMUP], beam_size=width, batch_size=batch_size)
         for _ in range(repeats):
             for name, t in runs.items():
                 outputs[name, mode], seconds = _timed(
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="distinct test sources (all)")
     parser.add_argument("--loop-limit", type=int, default=500,
                         help="sources for the slow one-at-a-time loop (default 500)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sources per batch (default: the product's, see above)")
     parser.add_argument("--beam", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--no-cuda", action="store_true", help="CPU only even with a GPU")
@@ -252,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_cuda else [])
     report: dict[str, object] = {
         "model_dir": str(args.model_dir), "test_sources": len(sources),
-        "loop_sources": min(args.loop_limit, len(sources)), "batch_size": args.batch_size,
+        "loop_sources": min(args.loop_limit, len(sources)),
+        "batch_size": args.batch_size,  # null: the product's default per width
         "beam": args.beam, "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "cpu_description": hw.describe_cpu()}
