@@ -113,6 +113,32 @@ def test_portable_export_matches_eager(random_export: dict) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("random_export", ["gru"], indirect=True)
+def test_portable_runner_batches_like_the_translator(random_export: dict,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a batch size both keep the configured beam's hypotheses per batch (3 x 3 here):
+    greedy takes 9 sentences at a time, beam 3 takes 3, an explicit size is kept."""
+    runner = load_runner(random_export["dir"]).PortableTranslator(random_export["dir"])
+    sizes: list[int] = []
+    search = runner.search
+
+    def spy(src: torch.Tensor, src_lengths: torch.Tensor, beam_size: int, nbest: int = 1):
+        sizes.append(src.size(0))
+        return search(src, src_lengths, beam_size, nbest)
+
+    monkeypatch.setattr(runner, "search", spy)
+    sentences = [s for s in SENTENCES if s] * 2  # 14 non-empty
+    translator = random_export["translator"]
+    for beam, batch, expected in ((1, None, [9, 5]), (3, None, [3, 3, 3, 3, 2]),
+                                 (1, 4, [4, 4, 4, 2])):
+        sizes.clear()
+        runner.translate(sentences, beam_size=beam, batch_size=batch)
+        assert sizes == expected, (beam, batch)
+        if batch is None:
+            assert translator.search.sentences_per_batch(beam) == expected[0]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("random_export", ["lstm"], indirect=True)
 def test_portable_runner_runs_without_nmt(random_export: dict) -> None:
     """The copied runner translates in a process where `import nmt` fails."""
