@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,44 @@ def wait_for_queue(root: Path, env: dict[str, str]) -> str:
         time.sleep(5)
 
 
+def start_queue(root: Path, env: dict[str, str], log: Path) -> None:
+    """`dvc queue start -j 2`, its output to `log`, not to a pipe: the workers it leaves running
+    inherit its stdout, and a pipe would stay open until the last of them exits (one worker
+    once lingered for minutes after its queue emptied, so a captured run hung until timeout)."""
+    with log.open("w") as out:
+        proc = subprocess.run([*DVC, "queue", "start", "-j", "2"], cwd=root, env=env,
+                              stdout=out, stderr=subprocess.STDOUT, timeout=120)
+    assert proc.returncode == 0, f"dvc queue start exited {proc.returncode}:\n{log.read_text()}"
+
+
+def stop_workers(root: Path, grace_s: float = 30.0) -> None:
+    """SIGTERM the queue's workers (pid files under .dvc/tmp/exps/celery) still alive after
+    `dvc queue stop` and a grace period, so none outlives the test."""
+    pids = []
+    for pid_file in (root / ".dvc/tmp/exps/celery").glob("*.pid"):
+        try:
+            pids.append(int(pid_file.read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    deadline = time.monotonic() + grace_s
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
+        time.sleep(1)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process reuses the id
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def team_server(request: pytest.FixtureRequest) -> TeamServer:
     return shared_team_server(request.config)
@@ -103,10 +143,11 @@ def test_four_queued_experiments_two_workers_each_own_a_run(team_server: TeamSer
         run([*DVC, "exp", "run", "--queue", "-n", name, *sets, target], root, env)
     t0 = time.monotonic()
     try:
-        run([*DVC, "queue", "start", "-j", "2"], root, env)
+        start_queue(root, env, tmp_path / "queue-start.log")
         status = wait_for_queue(root, env)
     finally:
         run([*DVC, "queue", "stop"], root, env, ok=False)
+        stop_workers(root)
     took = time.monotonic() - t0
     for name in EXPERIMENTS:
         line = next((ln for ln in status.splitlines() if f" {name} " in f" {ln} "), "")
