@@ -9,6 +9,7 @@ recorded by `nmt.tracking.run_tags`), with its own params and test BLEU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -87,8 +88,9 @@ def start_queue(root: Path, env: dict[str, str], log: Path) -> None:
 
 
 def stop_workers(root: Path, grace_s: float = 30.0) -> None:
-    """SIGTERM the queue's workers (pid files under .dvc/tmp/exps/celery) still alive after
-    `dvc queue stop` and a grace period, so none outlives the test."""
+    """Stop the queue's workers (pid files under .dvc/tmp/exps/celery) still alive after
+    `dvc queue stop` and a grace period, so none outlives the test: SIGTERM, then SIGKILL (the
+    worker that lingered took tens of seconds to act on SIGTERM)."""
     pids = []
     for pid_file in (root / ".dvc/tmp/exps/celery").glob("*.pid"):
         try:
@@ -99,9 +101,12 @@ def stop_workers(root: Path, grace_s: float = 30.0) -> None:
     while pids and time.monotonic() < deadline:
         pids = [pid for pid in pids if _alive(pid)]
         time.sleep(1)
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = [pid for pid in pids if _alive(pid)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+                os.kill(pid, sig)
+        time.sleep(5 if pids else 0)
 
 
 def _alive(pid: int) -> bool:
