@@ -18,6 +18,8 @@ from nmt.translator import Translator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+PLAIN_LINEAR = F.linear  # before any test patches it
+
 TF = TransformerConfig(layers=1, heads=2, d_model=16, ff_dim=32, dropout=0.0,
                        positions="sinusoidal", max_positions=64)
 CFG = ModelConfig(arch="transformer", transformer=TF, rnn="gru", emb_dim=16, hidden=16,
@@ -53,15 +55,20 @@ def test_bucketed_products_equal_plain_ones_bit_for_bit(dtype: torch.dtype,
     assert out.shape == (7, 3, 48) and torch.equal(out, F.linear(x3, weight, bias))
 
 
-def test_only_bf16_products_are_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+def record_linear(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, int]]:
+    """(dtype, rows) of every `F.linear` that `nmt.row_buckets` calls from now on."""
     seen: list[tuple[torch.dtype, int]] = []
-    real = F.linear
 
     def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
         seen.append((x.dtype, x.size(0)))
-        return real(x, weight, bias)
+        return PLAIN_LINEAR(x, weight, bias)
 
     monkeypatch.setattr(rb.F, "linear", spy)
+    return seen
+
+
+def test_only_bf16_products_are_padded(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = record_linear(monkeypatch)
     for dtype in (torch.bfloat16, torch.float32):
         bucketed_linear(torch.ones(9, 4, dtype=dtype), torch.ones(3, 4, dtype=dtype))
     assert seen == [(torch.bfloat16, 16), (torch.float32, 9)]
@@ -118,14 +125,8 @@ def test_products_of_few_rows_run_in_fp32_on_the_bf16_weights(
     torch.manual_seed(1)
     layer = nn.Linear(32, 48).to(torch.bfloat16)
     layer.__class__ = BucketedLinear
-    seen: list[tuple[torch.dtype, int]] = []
-    real = F.linear
-
-    def spy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        seen.append((weight.dtype, x.size(0)))
-        return real(x, weight, bias)
-
-    monkeypatch.setattr(rb.F, "linear", spy)
+    seen = record_linear(monkeypatch)
+    real = PLAIN_LINEAR
     for rows in (1, 5, rb.FP32_UP_TO):
         x = torch.randn(rows, 32).to(torch.bfloat16)
         out = layer(x)
