@@ -13,7 +13,9 @@ users run) with this Python; `--server mlflow` starts `mlflow models serve --env
 instead, to measure what the guard costs. Either needs `uvicorn` next to this Python, and a
 `models:/` URI needs MLFLOW_TRACKING_URI (or `--tracking-uri`) pointing at the registry, or for
 `nmt serve` a project (params.yaml) in the working directory. With NMT_INT8=1 in the environment
-the server decodes in int8 (the report then says `"int8": true`).
+the server decodes in int8 (the report then says `"int8": true`); with NMT_COMPILE=1 (what `nmt
+serve --compile` sets) it compiles a Transformer's decoder step at start-up (`"compiled": true`;
+the first start on a machine compiles for 20-30 s, later ones load the cached library).
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if proc is not None:  # the server this run started inherits the environment
             report["server"] = args.server
             report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
+            report["compiled"] = os.environ.get("NMT_COMPILE", "").strip() == "1"
             report["precision"] = (os.environ.get("NMT_PRECISION", "").strip()
                                    or "the model's evaluate.search.precision")
             from nmt.precision import describe_cpu  # lazily: torch

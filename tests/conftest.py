@@ -213,3 +213,29 @@ def restore_serve_threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny_compiled: a random 2-layer Transformer with char tokenizers and its decoder step compiled
+# once per session (nmt.compiled_step; ~20 s of C++ build); the serving test reuses the cache
+@pytest.fixture(scope="session")
+def tiny_compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Keys: `model` (eager, eval), `compiled` (`CompiledTransformer`), `cache` (its cache
+    folder), `model_dir` (tokenizers/ inside), `src_tok`, `trg_tok`, `cfg` (`ModelConfig`)."""
+    from factories import tiny_model_cfg, tiny_transformer_cfg
+    from nmt.compiled_step import CompiledTransformer
+    from nmt.data.vocab import CharTokenizer, save_tokenizers
+    from nmt.model import build_model
+
+    root = tmp_path_factory.mktemp("tiny_compiled")
+    src_tok = CharTokenizer.train(["Be nice.", "Drop it!", "Get out!", "Tom ate an apple."])
+    trg_tok = CharTokenizer.train(["Sois gentil.", "Laisse tomber !", "Dehors !"])
+    save_tokenizers(root / "model" / "tokenizers", src_tok, trg_tok)
+    cfg = tiny_model_cfg(arch="transformer",
+                         transformer=tiny_transformer_cfg(layers=2, max_positions=48))
+    torch.manual_seed(0)
+    model = build_model(cfg, src_tok.vocab_size, trg_tok.vocab_size).eval()
+    compiled = CompiledTransformer.build(model, root / "cache")
+    assert compiled is not None, "the decoder step did not compile (see the warning above)"
+    return {"model": model, "compiled": compiled, "cache": root / "cache",
+            "model_dir": root / "model", "src_tok": src_tok, "trg_tok": trg_tok, "cfg": cfg}

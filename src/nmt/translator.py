@@ -22,7 +22,9 @@ Per call to `translate`:
 
 Precision (`evaluate.search.precision`, `nmt.decode_precision`): `bf16` decodes with a bf16
 copy of the model, with the log-softmax and every search score in fp32; `fp32` decodes as
-before. An int8 model (`to_int8`) decodes in int8 whatever the precision.
+before. An int8 model (`to_int8`) decodes in int8 whatever the precision. `compile_step`
+(serving's `--compile`) runs a Transformer's fp32 decoder step as one compiled program
+(`nmt.compiled_step`).
 
 Size: about 330 lines, one class whose parts (loading, shortlist and precision modes, batching,
 truncation and UNK accounting) all act on the same decoding call; the search itself lives in
@@ -43,6 +45,7 @@ from torch import Tensor
 
 from nmt.allocator import keep_freed_memory
 from nmt.checkpoint import ModelDir
+from nmt.compiled_step import CompiledTransformer
 from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
@@ -166,6 +169,7 @@ class Translator:
             self.shortlist, self._output = shortlist, output_layer(model)
         self.precision = "fp32"  # resolved: fp32 | bf16
         self._bf16: tuple[Seq2Seq, tuple[Tensor, Tensor | None] | None] | None = None
+        self._compiled: CompiledTransformer | None = None
         self.to_precision(search.precision if precision is None else precision)
 
     @classmethod
@@ -213,6 +217,24 @@ class Translator:
                           else (self._output[0].bfloat16(), None if self._output[1] is None
                                 else self._output[1].bfloat16()))
         return self
+
+    def compile_step(self, cache_dir: Path | None = None) -> bool:
+        """Decode with a compiled decoder step (`nmt.compiled_step`), in fp32, from now on.
+
+        Returns False (the step stays eager, with a warning logged) for a model that is not a
+        Transformer or when the compiler fails. ValueError on an int8 translator.
+        """
+        if self.int8:
+            raise ValueError("a compiled decoder step and int8 decoding exclude each other: "
+                             "choose one")
+        self.to_precision("fp32")
+        self._compiled = CompiledTransformer.build(self.model, cache_dir)
+        return self._compiled is not None
+
+    @property
+    def compiled(self) -> bool:
+        """True when fp32 decoding runs the compiled decoder step."""
+        return self._compiled is not None
 
     @property
     def int8(self) -> bool:
@@ -286,6 +308,8 @@ class Translator:
         bf16 = self._bf16 is not None and self.precision == "bf16" and not self.int8
         if bf16:
             model, output = self._bf16  # type: ignore[misc]  # bf16 is only True when set
+        elif self._compiled is not None and not self.int8:
+            model = cast(Seq2Seq, self._compiled)
         shortlisted = None
         if self.shortlist is not None and output is not None:
             ids, allowed = self.shortlist.batch(src)

@@ -61,12 +61,14 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise AssertionError(f"server not ready after {timeout_s} s")
 
 
-def start_server(uri: str, model: str, log_path: Path) -> tuple[subprocess.Popen, str]:
+def start_server(uri: str, model: str, log_path: Path, *extra: str,
+                 **env_extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri,
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               **env_extra)
     cmd = [sys.executable, "-m", "nmt.cli", "serve", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port)]
+           "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log_path.open("wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
@@ -175,3 +177,42 @@ def test_latency_bench_starts_nmt_serve_unless_told(server: str | None, command:
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert f"{command} {missing}" in lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_compiled_transformer_serves_what_eager_decoding_gives(tiny_compiled: dict,
+                                                               tmp_path: Path) -> None:
+    """`nmt serve --compile` on a Transformer's pyfunc folder: the decoder step is compiled at
+    load (here from the session's cache) and the translations are the eager Translator's."""
+    import mlflow
+
+    from nmt.config import SearchConfig
+    from nmt.export.pyfunc import build_pyfunc_spec
+    from nmt.translator import Translator
+
+    search = SearchConfig(beam_size=3, length_penalty=0.6, max_len_ratio=1.5, max_len_offset=4,
+                          nbest=1, batch_size=4, precision="fp32")
+    translator = Translator(tiny_compiled["model"], tiny_compiled["src_tok"],
+                            tiny_compiled["trg_tok"], search, 12)
+    work = tmp_path / "work"
+    work.mkdir()
+    spec = build_pyfunc_spec(translator, tiny_compiled["cfg"], tiny_compiled["model_dir"],
+                             REPO / "data/external/ATTRIBUTION.md", work)
+    mlflow.pyfunc.save_model(path=str(tmp_path / "pyfunc"), **spec.kwargs())
+    log_path = tmp_path / "server.log"
+    proc, url = start_server(f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "pyfunc"),
+                             log_path, "--compile", NMT_COMPILE_CACHE=str(tiny_compiled["cache"]))
+    try:
+        wait_ready(url, proc, START_TIMEOUT_S)
+        status, body = post(url, {"inputs": GOOD + ["Tom ate an apple."]})
+        status_greedy, greedy = post(url, {"inputs": GOOD, "params": {"beam_size": 1}})
+    finally:
+        stop_server(proc)
+    log = log_path.read_text(errors="replace")
+    assert status == status_greedy == 200, (body, greedy, log[-3000:])
+    assert "decoding precision: fp32, compiled decoder step" in log, log[-3000:]
+    want = translator.translate(GOOD + ["Tom ate an apple."])
+    assert [p["translation"] for p in body["predictions"]] == [t.text for t in want]
+    assert [p["score"] for p in body["predictions"]] == pytest.approx(
+        [t.scores[0] for t in want], abs=1e-5)
+    assert [p["translation"] for p in greedy["predictions"]] == [
+        t.text for t in translator.translate(GOOD, beam_size=1)]
