@@ -29,7 +29,7 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,23 @@ from nmt.model.transformer import Transformer, TransformerDecoder, TransformerSt
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "NMT_COMPILE_CACHE"
-PROGRAM_VERSION = 1  # bump when `LayerStack` changes: the cache key includes it
+PROGRAM_VERSION = 2  # bump when a program changes: the cache key includes it
+
+
+class EncoderStack(nn.Module):
+    """Encoding and the decoder's initial state as one program: forward(src (B, S) long,
+    src_lengths (B,) long) -> encoder outputs (B, S, D), mask (B, S), cross_k, cross_v
+    (B, L, S, D) (`Transformer.encode` and `TransformerDecoder.init_state`)."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, src_lengths: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        encoded = self.model.encode(src, src_lengths)
+        state = self.model.decoder.init_state(encoded)
+        return encoded.outputs, encoded.mask, state.cross_k, state.cross_v
 
 
 class LayerStack(nn.Module):
@@ -76,10 +92,10 @@ class LayerStack(nn.Module):
         return self.norm(x)[:, 0], new_k, new_v, weights[:, 0]
 
 
-def cache_key(decoder: TransformerDecoder) -> str:
-    """Hex digest of what the compiled library depends on: weights, torch, the CPU's ISA."""
+def cache_key(model: Transformer) -> str:
+    """Hex digest of what the compiled libraries depend on: weights, torch, the CPU's ISA."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(decoder.state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -95,11 +111,24 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "nmt" / "compiled"
 
 
-def _export(decoder: TransformerDecoder) -> Any:
+def _export_encoder(model: Transformer) -> Any:
+    """torch.export of `EncoderStack` with the batch and the source length free."""
+    from torch.export import Dim
+
+    sentences = Dim("sentences")
+    source = Dim("source", min=1, max=model.encoder.positions.max_positions)
+    args = (torch.full((2, 3), 4, dtype=torch.long), torch.tensor([3, 2]))
+    dims = {"src": {0: sentences, 1: source}, "src_lengths": {0: sentences}}
+    with torch.no_grad():
+        return torch.export.export(EncoderStack(model).eval(), args, dynamic_shapes=dims)
+
+
+def _export_step(model: Transformer) -> Any:
     """torch.export of `LayerStack` with rows, cache rows, positions, entries and source
     length free (example sizes all >= 2 and distinct, so none is specialised)."""
     from torch.export import Dim
 
+    decoder = model.decoder
     layers, width = len(decoder.layers), decoder.norm.normalized_shape[0]
     n, r, t, e, s = 6, 3, 3, 2, 4
     args = (torch.zeros(n, 1, width), torch.zeros(r, layers, t, width),
@@ -117,8 +146,12 @@ def _export(decoder: TransformerDecoder) -> Any:
         return torch.export.export(LayerStack(decoder).eval(), args, dynamic_shapes=dims)
 
 
-def compile_layer_stack(decoder: TransformerDecoder, cache_dir: Path | None = None) -> Any:
-    """The compiled `LayerStack` of an fp32 decoder, from the cache or built now (and cached).
+PROGRAMS = {"encoder": _export_encoder, "decoder_step": _export_step}
+
+
+def compile_programs(model: Transformer, cache_dir: Path | None = None) -> dict[str, Any]:
+    """The compiled `EncoderStack` and `LayerStack` of an fp32 model (keys of `PROGRAMS`),
+    each from the cache or built now (and cached).
 
     Raises whatever export or the C++ build raises; `CompiledTransformer.build` turns that into
     a warning.
@@ -126,26 +159,48 @@ def compile_layer_stack(decoder: TransformerDecoder, cache_dir: Path | None = No
     from torch._inductor import aoti_compile_and_package, aoti_load_package
 
     folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
-    path = folder / f"decoder_step-{cache_key(decoder)}.pt2"
-    if path.is_file():
+    key = cache_key(model)
+    programs = {}
+    for name, export in PROGRAMS.items():
+        path = folder / f"{name}-{key}.pt2"
+        if path.is_file():
+            try:
+                programs[name] = aoti_load_package(str(path))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt
+                log.warning("%s: unreadable compiled program (%s); compiling again", path,
+                            _first_line(exc))
+        folder.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        log.info("compiling the %s (once per model and machine; cached in %s) ...",
+                 name.replace("_", " "), folder)
+        tmp = folder / f".{path.stem}.{os.getpid()}.pt2"  # a package path must end in .pt2
         try:
-            return aoti_load_package(str(path))
-        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt
-            log.warning("%s: unreadable compiled step (%s); compiling again", path,
-                        str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
-    folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    log.info("compiling the decoder step (once per model and machine; cached in %s) ...",
-             folder)
-    program = _export(decoder)
-    tmp = folder / f".{path.stem}.{os.getpid()}.pt2"  # the package path must end in .pt2
-    try:
-        aoti_compile_and_package(program, package_path=str(tmp))
-        os.replace(tmp, path)  # a whole library or none: never a half-written cache entry
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("compiled the decoder step in %.0f s: %s", time.perf_counter() - start, path)
-    return aoti_load_package(str(path))
+            aoti_compile_and_package(export(model), package_path=str(tmp))
+            os.replace(tmp, path)  # a whole library or none: never a half-written cache entry
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("compiled the %s in %.0f s: %s", name.replace("_", " "),
+                 time.perf_counter() - start, path)
+        programs[name] = aoti_load_package(str(path))
+    return programs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def flat_runner(program: Any) -> Any:
+    """A call of `program` on a flat list of tensors, returning the flat outputs.
+
+    The package's `__call__` re-parses its input and output tree specs (JSON) at every call;
+    the loader's `boxed_run` takes the flat list directly (about 5% of a one-sentence request).
+    """
+    loader = getattr(program, "loader", None)
+    if hasattr(loader, "boxed_run"):
+        return loader.boxed_run
+    return lambda flat: program(*flat)
 
 
 class CompiledDecoder:
@@ -154,13 +209,8 @@ class CompiledDecoder:
 
     def __init__(self, decoder: TransformerDecoder, program: Any) -> None:
         self.decoder = decoder
-        self.program = program
         self.output = decoder.output
-        # the package's __call__ re-parses its input/output tree specs (JSON) at every call;
-        # the loader's boxed_run takes the flat list of tensors and returns the flat outputs
-        loader = getattr(program, "loader", None)
-        self._run = loader.boxed_run if hasattr(loader, "boxed_run") else (
-            lambda flat: program(*flat))
+        self._run = flat_runner(program)
 
     def embed(self, tokens: Tensor) -> Tensor:
         return self.decoder.embed(tokens)
@@ -186,6 +236,15 @@ class CompiledDecoder:
         return features, replace(state, self_k=self_k, self_v=self_v, rows=None), weights
 
 
+class _Encoded(NamedTuple):
+    """The encoder program's outputs (`EncoderStack`)."""
+
+    outputs: Tensor
+    mask: Tensor
+    cross_k: Tensor
+    cross_v: Tensor
+
+
 class CompiledTransformer:
     """A `Transformer` for the search (`encode`, `init_state`, `step`, `decoder`) whose decoder
     step is compiled; `build` returns None where it cannot be.
@@ -194,9 +253,10 @@ class CompiledTransformer:
     its 80-odd modules to eval and back at every call (0.36 ms of a 14 ms sentence).
     """
 
-    def __init__(self, model: Transformer, program: Any) -> None:
+    def __init__(self, model: Transformer, programs: dict[str, Any]) -> None:
         self.model = model.eval()
-        self.decoder = CompiledDecoder(model.decoder, program)
+        self.decoder = CompiledDecoder(model.decoder, programs["decoder_step"])
+        self._encode = flat_runner(programs["encoder"])
 
     @classmethod
     def build(cls, model: Any, cache_dir: Path | None = None) -> CompiledTransformer | None:
@@ -212,13 +272,12 @@ class CompiledTransformer:
                         "decoding eagerly", weight.dtype, weight.device)
             return None
         try:
-            program = compile_layer_stack(model.decoder, cache_dir)
+            programs = compile_programs(model, cache_dir)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back to eager
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            log.warning("cannot compile the decoder step (%s: %s); decoding eagerly",
-                        type(exc).__name__, first)
+            log.warning("cannot compile the model (%s: %s); decoding eagerly",
+                        type(exc).__name__, _first_line(exc))
             return None
-        return cls(model, program)
+        return cls(model, programs)
 
     @property
     def src_vocab_size(self) -> int:
@@ -228,11 +287,22 @@ class CompiledTransformer:
     def trg_vocab_size(self) -> int:
         return self.model.trg_vocab_size
 
-    def encode(self, src: Tensor, src_lengths: Tensor) -> Any:
-        return self.model.encode(src, src_lengths)
+    def encode(self, src: Tensor, src_lengths: Tensor) -> _Encoded:
+        """As `Transformer.encode`, with the decoder's cross-attention keys and values."""
+        self.model.check_source(src, src_lengths)
+        if src.size(1) > self.model.encoder.positions.max_positions:
+            encoded = self.model.encode(src, src_lengths)  # eager: its error or its positions
+            state = self.model.decoder.init_state(encoded)
+            return _Encoded(encoded.outputs, encoded.mask, state.cross_k, state.cross_v)
+        return _Encoded(*self._encode([src, src_lengths]))
 
-    def init_state(self, encoder_output: Any) -> TransformerState:
-        return self.model.init_state(encoder_output)
+    def init_state(self, encoded: _Encoded) -> TransformerState:
+        """As `Transformer.init_state`: empty self-attention cache."""
+        batch, layers, _, width = encoded.cross_k.shape
+        empty = encoded.outputs.new_zeros(batch, layers, 0, width)
+        return TransformerState(self_k=empty, self_v=empty, enc_out=encoded.outputs,
+                                mask=encoded.mask, cross_k=encoded.cross_k,
+                                cross_v=encoded.cross_v)
 
     def step(self, state: TransformerState,
              prev_tokens: Tensor) -> tuple[Tensor, TransformerState, Tensor]:

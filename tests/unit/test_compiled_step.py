@@ -44,6 +44,21 @@ def test_teacher_forced_steps_match_the_eager_decoder(tiny_compiled: dict) -> No
     assert compiled[2].self_k.shape == (3, 2, trg_in.size(1), 8)
 
 
+def test_sources_longer_than_the_compiled_positions_encode_eagerly(tiny_compiled: dict) -> None:
+    model = tiny_compiled["model"]
+    limit = model.encoder.positions.max_positions
+    for length in (1, limit, limit + 3):  # the last one past what the program was built for
+        src = torch.arange(length)[None, :] % (model.src_vocab_size - 4) + 4
+        lengths = torch.tensor([length])
+        with torch.inference_mode():
+            eager = model.decoder.init_state(model.encode(src, lengths))
+            compiled = tiny_compiled["compiled"].init_state(
+                tiny_compiled["compiled"].encode(src, lengths))
+        for field in ("enc_out", "mask", "cross_k", "cross_v", "self_k"):
+            torch.testing.assert_close(getattr(compiled, field), getattr(eager, field),
+                                       atol=1e-5, rtol=1e-5)
+
+
 def test_pending_row_selections_and_groups(tiny_compiled: dict) -> None:
     """Beam expansion (groups of 3 rows per sentence), a reordering and a dropped sentence:
     the program applies the state's pending row selection and reads each row's own source."""
@@ -102,27 +117,28 @@ def test_cache_is_reused_and_keyed_by_the_weights(tiny_compiled: dict,
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.decoder.layers[1].ff.outer.bias[0] += 1.0  # one weight differs: another key
-    assert cs.cache_key(other.decoder) != cs.cache_key(model.decoder)
+    assert cs.cache_key(other) != cs.cache_key(model)
     with caplog.at_level(logging.WARNING, logger="nmt.compiled_step"):
         assert cs.CompiledTransformer.build(other, cache) is None
-    assert ("cannot compile the decoder step (RuntimeError: C++ compiler not found); "
+    assert ("cannot compile the model (RuntimeError: C++ compiler not found); "
             "decoding eagerly") in caplog.text
-    assert sorted(p.name for p in cache.iterdir()) == [
-        f"decoder_step-{cs.cache_key(model.decoder)}.pt2"]  # no partial file left behind
+    key = cs.cache_key(model)  # no partial file left behind
+    assert sorted(p.name for p in cache.iterdir()) == [f"decoder_step-{key}.pt2",
+                                                       f"encoder-{key}.pt2"]
 
 
 def test_damaged_cache_entry_is_rebuilt_not_fatal(tiny_compiled: dict, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     model = tiny_compiled["model"]
-    entry = tmp_path / f"decoder_step-{cs.cache_key(model.decoder)}.pt2"
+    entry = tmp_path / f"encoder-{cs.cache_key(model)}.pt2"
     entry.write_bytes(b"not a package")
     calls = []
     monkeypatch.setattr("torch._inductor.aoti_compile_and_package",
                         lambda *a, **k: calls.append(k) or (_ for _ in ()).throw(OSError("x")))
     with caplog.at_level(logging.WARNING, logger="nmt.compiled_step"):
         assert cs.CompiledTransformer.build(model, tmp_path) is None
-    assert f"{entry}: unreadable compiled step" in caplog.text and len(calls) == 1
+    assert f"{entry}: unreadable compiled program" in caplog.text and len(calls) == 1
     assert "decoding eagerly" in caplog.text
 
 
