@@ -83,7 +83,15 @@ def test_pending_row_selections_and_groups(tiny_compiled: dict) -> None:
 
 @pytest.mark.parametrize("beam", [1, 3])
 @pytest.mark.parametrize("shortlisted", [False, True])
-def test_searches_translate_the_same(tiny_compiled: dict, beam: int, shortlisted: bool) -> None:
+@pytest.mark.parametrize("max_rows", [64, 4])
+def test_searches_translate_the_same(tiny_compiled: dict, beam: int, shortlisted: bool,
+                                     max_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also when the rows cross `MAX_ROWS`: batches above it step eagerly, the rest compiled."""
+    monkeypatch.setattr(cs, "MAX_ROWS", max_rows)
+    compiled_rows: list[int] = []
+    run = tiny_compiled["compiled"].decoder._run
+    monkeypatch.setattr(tiny_compiled["compiled"].decoder, "_run",
+                        lambda flat: compiled_rows.append(flat[0].size(0)) or run(flat))
     src, lengths, _ = _batch(tiny_compiled)
     results = []
     for model in (tiny_compiled["model"], tiny_compiled["compiled"]):
@@ -94,6 +102,9 @@ def test_searches_translate_the_same(tiny_compiled: dict, beam: int, shortlisted
         results.append(greedy_search(step_model, src, lengths) if beam == 1 else
                        beam_search(step_model, src, lengths, beam_size=beam, nbest=beam))
     eager, compiled = results
+    assert compiled_rows and max(compiled_rows) <= max_rows
+    if max_rows == 4 and beam == 3:  # 9 rows of 3 sentences step eagerly until 2 are done
+        assert min(compiled_rows) < 4 and len(compiled_rows) < 10
     assert compiled.tokens == eager.tokens
     for a, b in zip(compiled.scores, eager.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
