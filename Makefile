@@ -32,6 +32,7 @@ system-check:
 	[ -n "$(PG_FOUND)" ] || [ -n "$$TEAM_PG_BIN" ] || missing="$$missing postgresql"; \
 	[ -x "$${NMT_CHROMIUM:-/usr/bin/chromium}" ] || missing="$$missing chromium"; \
 	[ -x "$${NMT_CHROMEDRIVER:-/usr/bin/chromedriver}" ] || missing="$$missing chromium-driver"; \
+	command -v g++ >/dev/null || command -v c++ >/dev/null || missing="$$missing g++"; \
 	if [ -n "$$missing" ]; then \
 	  echo "make test: not installed:$$missing; the tests needing them will skip."; \
 	  echo "  install: sudo apt-get install -y$$missing"; \

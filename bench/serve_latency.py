@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             report["server"] = args.server
             report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
             report["compiled"] = os.environ.get("NMT_COMPILE", "").strip() == "1"
-            report["precision"] = (os.environ.get("NMT_PRECISION", "").strip()
+            report["precision"] = ("fp32" if report["compiled"]
+                                   else os.environ.get("NMT_PRECISION", "").strip()
                                    or "the model's evaluate.search.precision")
             from nmt.precision import describe_cpu  # lazily: torch
 

@@ -227,6 +227,9 @@ def tiny_compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from nmt.data.vocab import CharTokenizer, save_tokenizers
     from nmt.model import build_model
 
+    require_system(None if shutil.which("g++") or shutil.which("c++") else
+                   "a C++ compiler (g++), which `nmt serve --compile` builds its programs with",
+                   "sudo apt-get install -y g++")
     root = tmp_path_factory.mktemp("tiny_compiled")
     src_tok = CharTokenizer.train(["Be nice.", "Drop it!", "Get out!", "Tom ate an apple."])
     trg_tok = CharTokenizer.train(["Sois gentil.", "Laisse tomber !", "Dehors !"])

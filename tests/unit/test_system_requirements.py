@@ -44,7 +44,7 @@ def test_missing_requirement_fails_under_ci(tmp_path: Path) -> None:
     assert "CI is set, so this must run" in proc.stdout
 
 
-@pytest.mark.parametrize("package", ["postgresql", "chromium chromium-driver"])
+@pytest.mark.parametrize("package", ["postgresql", "chromium chromium-driver", "g++"])
 def test_readme_quick_start_names_each_install_command(package: str) -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     quick = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
