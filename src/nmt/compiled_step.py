@@ -1,24 +1,25 @@
-"""A compiled Transformer decoder step for low-latency serving (`nmt serve --compile`).
+"""Compiled Transformer decoding for low-latency serving (`nmt serve --compile`).
 
-A one-sentence beam step runs some 200 small ATen calls through Python for about 0.5 ms of
-matrix products (5 rows x D 256, two layers). AOTInductor (`torch._inductor`) compiles the
-decoder's layer stack, exported once with `torch.export` for any number of rows, cached
-positions and source length, into a shared library that runs the step as one call with its
-element-wise work fused: on a Xeon with AMX, one thread, the layer stack of a 5-row step went
-from 1,934 to 989 us (640 rows: 46.0 -> 36.9 ms), outputs within 2e-6 of eager
-(reports/bench/).
+A one-sentence beam step runs some 200 small ATen calls through Python around about 0.5 ms of
+matrix products (5 rows x D 256, two layers). AOTInductor (`torch._inductor`) compiles two
+programs, each exported once with `torch.export` for any sizes, into shared libraries that run
+as one call with their element-wise work fused:
+- `EncoderStack`: the encoder and the decoder's initial state (cross-attention keys/values);
+- `LayerStack`: the decoder layers and final LayerNorm of one step, with the state's pending row
+  selection and the cache extension inside; rows, cache rows, positions, encoder entries and
+  source length are free, so one program serves beam and greedy search at any batch.
+The embedding, the positions, the output layer (and the lexical shortlist) and the search stay
+eager. Xeon with AMX, one thread, the default model: a 5-row step 1.66 -> 0.97 ms, one sentence
+over REST p50 13.2-14.6 -> 10.1-10.8 ms; outputs equal eager fp32 on the whole test split
+(reports/bench/serve_compiled_amx.json). Steps of more than `MAX_ROWS` rows, bf16 or RNN models
+decode eagerly.
 
-What is compiled: the decoder layers and the final LayerNorm of an fp32 `Transformer`, with the
-state's pending row selection and the cache extension inside the program. The embedding, the
-positions, the output layer (and the lexical shortlist) stay eager. The first step (no cached
-position yet) runs eagerly, as does any step the program was not exported for (bf16, an RNN).
-
-Cost: an export and a C++ compile, about 20-30 s on 2 cores, at start-up; the library is cached
-(`cache_dir`, default `~/.cache/nmt/compiled`, or `NMT_COMPILE_CACHE`), keyed by the decoder's
-weights, the torch version and the CPU's vector ISA, so a restart loads it in well under a
-second. Where compiling fails (no C++ compiler, say) the step runs eagerly, with a one-line
-warning: never an error at start-up. The code is generated for the CPU at hand, which is why it
-is built where it runs and not shipped with the model.
+Cost: an export and a C++ build, about 30 s on 2 cores, at the first start on a machine; the
+libraries are cached (`cache_dir`, default `~/.cache/nmt/compiled`, or `NMT_COMPILE_CACHE`),
+keyed by the weights, the torch version and the CPU's vector ISA, so a restart loads them in a
+fraction of a second. Where compiling fails (no C++ compiler, say) decoding stays eager, with a
+one-line warning: never an error at start-up. The code is generated for the CPU at hand, which
+is why it is built where it runs and not shipped with the model.
 """
 
 from __future__ import annotations
