@@ -17,7 +17,13 @@ from factories import decode_stepwise, src_trg_batch, tiny_model_cfg
 from nmt.config import SearchConfig
 from nmt.decode_precision import bf16_copy
 from nmt.model import beam_search, build_model, greedy_search
-from nmt.serving import COMPILE_ENV, PRECISION_ENV, TranslatorModel, write_artifacts
+from nmt.serving import (
+    COMPILE_ENV,
+    INT8_ENV,
+    PRECISION_ENV,
+    TranslatorModel,
+    write_artifacts,
+)
 from nmt.shortlist import ShortlistModel, output_layer
 from nmt.translator import Translator
 
@@ -153,6 +159,18 @@ def test_damaged_cache_entry_is_rebuilt_not_fatal(tiny_compiled: dict, tmp_path:
     assert "decoding eagerly" in caplog.text
 
 
+def test_unusable_cache_folder_decodes_eagerly(tiny_compiled: dict, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """NMT_COMPILE_CACHE pointing at a file: a warning naming it, eager decoding."""
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file")
+    with caplog.at_level(logging.WARNING, logger="nmt.compiled_step"):
+        assert cs.CompiledTransformer.build(tiny_compiled["model"], not_a_folder) is None
+    assert "cannot compile the model (FileExistsError" in caplog.text
+    assert str(not_a_folder) in caplog.text and "decoding eagerly" in caplog.text
+    assert not_a_folder.read_text() == "a file"
+
+
 def test_models_it_does_not_compile_decode_eagerly(tiny_compiled: dict, tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     rnn = build_model(tiny_model_cfg(), 12, 14)
@@ -202,6 +220,11 @@ def test_serving_env_compiles_at_load(tiny_compiled: dict, tmp_path: Path, amx: 
                                          "NMT_PRECISION=bf16: unset one of them"):
         TranslatorModel().load_context(context)
     monkeypatch.delenv(PRECISION_ENV)
+    monkeypatch.setenv(INT8_ENV, "1")
+    with pytest.raises(ValueError, match="NMT_COMPILE=1 decodes in fp32 and excludes "
+                                         "NMT_INT8=1: unset one of them"):
+        TranslatorModel().load_context(context)
+    monkeypatch.delenv(INT8_ENV)
     monkeypatch.setenv(COMPILE_ENV, "yes")
     with pytest.raises(ValueError, match=r"NMT_COMPILE='yes': use 1 \(compile the decoder"):
         TranslatorModel().load_context(context)
