@@ -218,28 +218,7 @@ def build_app(model_uri: str) -> ASGIApp:
     from mlflow.pyfunc import scoring_server
 
     model = mlflow.pyfunc.load_model(model_uri)
-    warn_if_compile_ignored(model_uri, model)
     return RequestGuard(scoring_server.init(model))
-
-
-def warn_if_compile_ignored(model_uri: str, model: Any) -> bool:
-    """With `NMT_COMPILE=1`, warn (and return True) when the loaded pyfunc's bundled `nmt` code
-    predates it: a model logged before `--compile` existed serves with its own, older code,
-    which decodes eagerly whatever the environment says."""
-    from nmt.serving import COMPILE_ENV
-
-    if os.environ.get(COMPILE_ENV, "").strip() != "1":
-        return False
-    try:
-        translator = getattr(model.unwrap_python_model(), "translator", None)
-    except Exception:  # noqa: BLE001 - not a python_model pyfunc: nothing to say
-        return False
-    if translator is None or hasattr(translator, "compiled"):
-        return False
-    log.warning("%s was exported by code older than --compile (%s=1), so it decodes eagerly; "
-                "log it again with `dvc repro export` to serve it compiled", model_uri,
-                COMPILE_ENV)
-    return True
 
 
 def serve_threads(requested: int | None = None) -> int:

@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from nmt.rest import (
-    MAX_MESSAGE_CHARS,
-    THREADS_ENV,
-    RequestGuard,
-    clean_error_body,
-    serve_threads,
-    warn_if_compile_ignored,
-)
+from nmt.rest import MAX_MESSAGE_CHARS, THREADS_ENV, RequestGuard, clean_error_body, serve_threads
 
 STACK = "Traceback (most recent call last):\n  File \"/srv/app/secret.py\", line 1\n"
 
@@ -142,30 +133,3 @@ def test_a_bad_thread_count_is_refused_naming_both_settings(restore_serve_thread
     with pytest.raises(ValueError, match=r"threads: must be a whole number >= 1, got .*"
                                          r"\(--threads or OMP_NUM_THREADS\)"):
         serve_threads(requested)
-
-
-class _Loaded:
-    """A loaded pyfunc's `unwrap_python_model()`."""
-
-    def __init__(self, python_model: object) -> None:
-        self.python_model = python_model
-
-    def unwrap_python_model(self) -> object:
-        return self.python_model
-
-
-def test_compile_on_a_model_logged_before_it_is_a_warning(monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: pytest.LogCaptureFixture
-                                                         ) -> None:
-    old = _Loaded(SimpleNamespace(translator=SimpleNamespace(precision="fp32")))
-    new = _Loaded(SimpleNamespace(translator=SimpleNamespace(precision="fp32", compiled=True)))
-    monkeypatch.delenv("NMT_COMPILE", raising=False)
-    assert not warn_if_compile_ignored("models:/m/1", old)  # not asked for: nothing to say
-    monkeypatch.setenv("NMT_COMPILE", "1")
-    with caplog.at_level(logging.WARNING, logger="nmt.rest"):
-        assert not warn_if_compile_ignored("models:/m/2", new)
-        assert not warn_if_compile_ignored("models:/m/3", _Loaded(object()))
-        assert warn_if_compile_ignored("models:/m/1", old)
-    assert caplog.text.count("older than --compile") == 1
-    assert "models:/m/1 was exported by code older than --compile (NMT_COMPILE=1), so it " \
-           "decodes eagerly; log it again with `dvc repro export`" in caplog.text
