@@ -224,19 +224,25 @@ class _Beams:
     attn: Tensor  # (A, k, T, S) alive attention rows so far
     pool: _Pool  # (A, K, ...) finished hypotheses
     done: Tensor  # (A,) bool
+    max_len: Tensor  # (A,) output cap
+    cap_penalty: Tensor  # (A,) the length penalty at the cap (the stopping rule's bound)
 
     @classmethod
-    def start(cls, batch: int, beam: int, steps: int, like: Tensor) -> _Beams:
-        """One empty alive hypothesis per sentence; `like` (N, S, ...) gives S, dtype, device."""
+    def start(cls, beam: int, steps: int, like: Tensor, max_len: Tensor,
+              alpha: float) -> _Beams:
+        """One empty alive hypothesis per sentence of `max_len` (B,); `like` (N, S, ...) gives
+        S, dtype, device."""
+        batch = max_len.size(0)
         pool = _Pool.empty(batch, beam, steps, like)
         return cls(scores=pool.scores.new_zeros(batch, 1), tokens=pool.tokens[:, :1].clone(),
                    attn=pool.attn[:, :1].clone(), pool=pool,
-                   done=torch.zeros(batch, dtype=torch.bool, device=like.device))
+                   done=torch.zeros(batch, dtype=torch.bool, device=like.device),
+                   max_len=max_len, cap_penalty=gnmt_length_penalty(max_len + 1, alpha))
 
     def select(self, idx: Tensor) -> _Beams:
         """Sentences `idx` (M,) only."""
         return _Beams(self.scores[idx], self.tokens[idx], self.attn[idx], self.pool.select(idx),
-                      self.done[idx])
+                      self.done[idx], self.max_len[idx], self.cap_penalty[idx])
 
 
 @torch.inference_mode()
@@ -263,13 +269,12 @@ def beam_search(model: StepModel, src: Tensor, src_lengths: Tensor, beam_size: i
         state, max_len = _start(model, src, src_lengths, max_len_ratio, max_len_offset)
         steps = int(max_len.max()) + 1
         out = _Pool.empty(src.size(0), beam_size, steps, state.enc_out)
-        beams = _Beams.start(src.size(0), beam_size, steps, state.enc_out)
+        beams = _Beams.start(beam_size, steps, state.enc_out, max_len, length_penalty)
         active = torch.arange(src.size(0), device=src.device)  # sentence of each beams row
         prev = torch.full_like(active, BOS_ID)  # (A * k,)
         for t in range(steps):
             log_probs, state, weights = model.step(state, prev)
-            rows, prev = _beam_step(beams, log_probs, weights, t, max_len[active],
-                                    length_penalty, nbest)
+            rows, prev = _beam_step(beams, log_probs, weights, t, length_penalty, nbest)
             done = beams.done
             if bool(done.any()):
                 out.put(active[done], beams.pool.select(done))
@@ -287,8 +292,8 @@ def beam_search(model: StepModel, src: Tensor, src_lengths: Tensor, beam_size: i
     return _beam_finish(out, src_lengths, max_len, nbest)
 
 
-def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_len: Tensor,
-               alpha: float, nbest: int) -> tuple[Tensor, Tensor]:
+def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, alpha: float,
+               nbest: int) -> tuple[Tensor, Tensor]:
     """Expand, finish EOS candidates, keep the K best alive; returns (rows, tokens), (A * K,).
 
     log_probs (A * k, V) and weights (A * k, S) are the step's outputs for the k alive
@@ -298,11 +303,12 @@ def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_le
     batch, prev_beam = beams.scores.shape
     beam = beams.pool.scores.size(1)
     vocab = log_probs.size(-1)
-    at_cap = (max_len == t).repeat_interleave(prev_beam)  # (A * k,)
-    log_probs = _constrain_(log_probs, at_cap).view(batch, prev_beam, vocab)
+    at_cap = beams.max_len == t  # (A,)
+    log_probs = _constrain_(log_probs.view(batch, prev_beam, vocab), at_cap)
     cand = log_probs.add_(beams.scores[:, :, None]).view(batch, prev_beam * vocab)
     top_scores, top_idx = _top_candidates(cand, 2 * beam)  # (A, 2K), sorted descending
-    origin = top_idx // vocab + torch.arange(batch, device=cand.device)[:, None] * prev_beam
+    first_row = torch.arange(0, batch * prev_beam, prev_beam, device=cand.device)  # (A,)
+    origin = top_idx // vocab + first_row[:, None]
     tok = top_idx % vocab
     is_eos = tok == EOS_ID
     _finish_hypotheses(beams, top_scores[:, :beam], origin[:, :beam], is_eos[:, :beam],
@@ -315,8 +321,8 @@ def _beam_step(beams: _Beams, log_probs: Tensor, weights: Tensor, t: int, max_le
     beams.tokens[:, :, t] = tok
     beams.attn = _select_rows(beams.attn, rows)
     beams.attn[:, :, t] = weights.index_select(0, rows).view(batch, beam, -1)
-    best_possible = alive_scores.max(dim=1).values / gnmt_length_penalty(max_len + 1, alpha)
-    beams.done |= (beams.pool.scores[:, nbest - 1] >= best_possible) | (max_len == t)
+    best_possible = alive_scores[:, 0] / beams.cap_penalty  # topk: sorted, best first
+    beams.done |= (beams.pool.scores[:, nbest - 1] >= best_possible) | at_cap
     return rows, tok.view(-1)
 
 
@@ -339,7 +345,7 @@ def _top_candidates(cand: Tensor, k: int) -> tuple[Tensor, Tensor]:
 def _finish_hypotheses(beams: _Beams, scores: Tensor, rows: Tensor, is_eos: Tensor,
                        weights: Tensor, t: int, alpha: float) -> None:
     """Merge EOS candidates (A, K) from rows `rows` into the finished pool, best K kept."""
-    new = is_eos & torch.isfinite(scores) & ~beams.done[:, None]  # (A, K)
+    new = is_eos & (scores > NEG_INF) & ~beams.done[:, None]  # (A, K); finite: never +inf
     if not bool(new.any()):
         return
     batch, beam = scores.shape
@@ -375,14 +381,16 @@ def _start(model: StepModel, src: Tensor, src_lengths: Tensor, ratio: float,
 
 
 def _constrain_(log_probs: Tensor, at_cap: Tensor) -> Tensor:
-    """In place: forbid PAD and BOS everywhere, and everything but EOS on rows at their cap."""
-    log_probs[:, PAD_ID] = NEG_INF
-    log_probs[:, BOS_ID] = NEG_INF
+    """In place: forbid PAD and BOS everywhere, and everything but EOS for sentences at their
+    cap. log_probs (A, V) (greedy) or (A, k, V) (beam: k hypotheses per sentence), at_cap (A,).
+    """
+    log_probs[..., PAD_ID] = NEG_INF
+    log_probs[..., BOS_ID] = NEG_INF
     if bool(at_cap.any()):
         rows = at_cap.nonzero().squeeze(1)
-        eos = log_probs[rows, EOS_ID]
+        eos = log_probs[rows, ..., EOS_ID]
         log_probs[rows] = NEG_INF
-        log_probs[rows, EOS_ID] = eos
+        log_probs[rows, ..., EOS_ID] = eos
     return log_probs
 
 
