@@ -14,8 +14,9 @@ instead, to measure what the guard costs. Either needs `uvicorn` next to this Py
 `models:/` URI needs MLFLOW_TRACKING_URI (or `--tracking-uri`) pointing at the registry, or for
 `nmt serve` a project (params.yaml) in the working directory. With NMT_INT8=1 in the environment
 the server decodes in int8 (the report then says `"int8": true`); with NMT_COMPILE=1 (what `nmt
-serve --compile` sets) it compiles a Transformer's decoder step at start-up (`"compiled": true`;
-the first start on a machine compiles for 20-30 s, later ones load the cached library).
+serve --compile` sets) it compiles a Transformer's encoder and decoder step at start-up
+(`"compiled": true`; the first start on a machine compiles for up to a minute, later ones load
+the cached libraries).
 """
 
 from __future__ import annotations
@@ -161,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             report["server"] = args.server
             report["int8"] = os.environ.get("NMT_INT8", "").strip() == "1"
             report["compiled"] = os.environ.get("NMT_COMPILE", "").strip() == "1"
-            report["precision"] = ("fp32" if report["compiled"]
-                                   else os.environ.get("NMT_PRECISION", "").strip()
+            report["precision"] = (os.environ.get("NMT_PRECISION", "").strip()
                                    or "the model's evaluate.search.precision")
             from nmt.precision import describe_cpu  # lazily: torch
 

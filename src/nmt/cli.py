@@ -307,10 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="PyTorch intra-op threads per "
                    "request (default: OMP_NUM_THREADS if set, else 1: faster on MLflow's "
                    "worker threads; see nmt.rest.serve_threads)")
-    p.add_argument("--compile", action="store_true", help="compile a Transformer's decoder step "
-                   "at start-up and decode in fp32 (about 1.4x faster one-sentence requests; "
-                   "20-30 s once per model and machine, then cached; needs a C++ compiler, "
-                   "else decodes eagerly; same as NMT_COMPILE=1)")
+    p.add_argument("--compile", action="store_true", help="compile a Transformer's encoder and "
+                   "decoder step at start-up, in the decoding precision (about 2x faster "
+                   "one-sentence requests; about a minute once per model and machine, then "
+                   "cached; needs a C++ compiler, else decodes eagerly; same as NMT_COMPILE=1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("params", help="check params.yaml and print the resolved values")

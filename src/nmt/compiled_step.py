@@ -24,6 +24,7 @@ is why it is built where it runs and not shipped with the model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -40,13 +41,15 @@ from nmt.model.transformer import Transformer, TransformerDecoder, TransformerSt
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "NMT_COMPILE_CACHE"
-PROGRAM_VERSION = 2  # bump when a program changes: the cache key includes it
-# the compiled step runs batches of up to this many rows (hypotheses); larger ones run eagerly,
-# where batched products amortise the per-op cost and the eager step's grouped cross-attention
-# (one (K, S) product per sentence) beats the program's per-row one. Step of the default model,
-# fp32, one thread, Xeon with AMX: 5 rows 1.66 -> 0.97 ms, 40 rows 3.75 -> 2.88, 80 rows 4.23
-# -> 4.86 (slower), 640 rows 38.4 -> 41.8 (reports/bench/serve_compiled_amx.json)
-MAX_ROWS = 64
+PROGRAM_VERSION = 3  # bump when a program changes: the cache key includes it
+# the compiled step runs batches of up to this many rows (hypotheses); larger ones run eagerly.
+# Step of the default model, one thread, Xeon with AMX (reports/bench/serve_compiled_amx.json):
+# fp32 5 rows 1.66 -> 0.97 ms, 40 rows 3.75 -> 2.88, 80 rows 4.23 -> 4.86 (slower: batched
+# products amortise the per-op cost, and the eager step's grouped cross-attention, one (K, S)
+# product per sentence, beats the program's per-row one), 640 rows 38.4 -> 41.8; bf16 (against
+# the row-bucketed eager copy) 5 rows 1.73 -> 0.52 ms, 80 rows 3.75 -> 1.80, 640 rows 14.6 ->
+# 11.9: faster at every size measured (up to the default batch's 640 hypotheses)
+MAX_ROWS = {torch.float32: 64, torch.bfloat16: 1024}
 
 
 class EncoderStack(nn.Module):
@@ -100,14 +103,17 @@ class LayerStack(nn.Module):
 
 
 def cache_key(model: Transformer) -> str:
-    """Hex digest of what the compiled libraries depend on: weights, torch, the CPU's ISA."""
+    """Hex digest of what the compiled libraries depend on: weights (and so their dtype), torch,
+    the CPU's ISA and bf16 units (a bf16 program uses AMX tiles where the CPU has them)."""
+    from nmt.precision import cpu_bf16_flags
+
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     digest.update(f"{PROGRAM_VERSION} {torch.__version__} "
-                  f"{torch.backends.cpu.get_cpu_capability()}".encode())
+                  f"{torch.backends.cpu.get_cpu_capability()} {cpu_bf16_flags()}".encode())
     return digest.hexdigest()[:24]
 
 
@@ -138,10 +144,11 @@ def _export_step(model: Transformer) -> Any:
     decoder = model.decoder
     layers, width = len(decoder.layers), decoder.norm.normalized_shape[0]
     n, r, t, e, s = 6, 3, 3, 2, 4
-    args = (torch.zeros(n, 1, width), torch.zeros(r, layers, t, width),
-            torch.zeros(r, layers, t, width), torch.arange(n) % r, torch.arange(n) % e,
-            torch.zeros(e, layers, s, width), torch.zeros(e, layers, s, width),
-            torch.ones(e, s, dtype=torch.bool))
+    dtype = decoder.norm.weight.dtype
+    args = (torch.zeros(n, 1, width, dtype=dtype), torch.zeros(r, layers, t, width, dtype=dtype),
+            torch.zeros(r, layers, t, width, dtype=dtype), torch.arange(n) % r,
+            torch.arange(n) % e, torch.zeros(e, layers, s, width, dtype=dtype),
+            torch.zeros(e, layers, s, width, dtype=dtype), torch.ones(e, s, dtype=torch.bool))
     rows, cache_rows, entries = Dim("rows"), Dim("cache_rows"), Dim("entries")
     past = Dim("past", min=0, max=decoder.positions.max_positions)
     source = Dim("source", min=2, max=1 << 16)
@@ -154,10 +161,18 @@ def _export_step(model: Transformer) -> Any:
 
 
 PROGRAMS = {"encoder": _export_encoder, "decoder_step": _export_step}
+# Inductor options by weight dtype. bf16: its C++ GEMM templates (AMX micro-kernels where the CPU
+# has them) beat oneDNN's calls at a few rows: a 5-row step 665 -> 311 us, 40 rows 2.36 -> 0.91
+# ms, against the fp32 program (max_autotune benchmarks the choices at build time, ~10 s more).
+# fp32: the defaults (max_autotune: 5 rows 4% faster, 40 rows 13% slower; freezing: no gain).
+INDUCTOR_OPTIONS: dict[torch.dtype, dict[str, Any]] = {
+    torch.float32: {},
+    torch.bfloat16: {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+}
 
 
 def compile_programs(model: Transformer, cache_dir: Path | None = None) -> dict[str, Any]:
-    """The compiled `EncoderStack` and `LayerStack` of an fp32 model (keys of `PROGRAMS`),
+    """The compiled `EncoderStack` and `LayerStack` of a model (keys of `PROGRAMS`),
     each from the cache or built now (and cached).
 
     Raises whatever export or the C++ build raises; `CompiledTransformer.build` turns that into
@@ -183,7 +198,9 @@ def compile_programs(model: Transformer, cache_dir: Path | None = None) -> dict[
                  name.replace("_", " "), folder)
         tmp = folder / f".{path.stem}.{os.getpid()}.pt2"  # a package path must end in .pt2
         try:
-            aoti_compile_and_package(export(model), package_path=str(tmp))
+            aoti_compile_and_package(
+                export(model), package_path=str(tmp),
+                inductor_configs=INDUCTOR_OPTIONS[model.decoder.norm.weight.dtype])
             os.replace(tmp, path)  # a whole library or none: never a half-written cache entry
         finally:
             tmp.unlink(missing_ok=True)
@@ -214,8 +231,9 @@ class CompiledDecoder:
     """`TransformerDecoder`'s `embed`, `step`, `logits` and `output`, with `step` run by the
     compiled `LayerStack` wherever it applies (fp32 rows after the first position)."""
 
-    def __init__(self, decoder: TransformerDecoder, program: Any) -> None:
+    def __init__(self, decoder: TransformerDecoder, program: Any, dtype: torch.dtype) -> None:
         self.decoder = decoder
+        self.dtype = dtype
         self.output = decoder.output
         self._run = flat_runner(program)
 
@@ -230,7 +248,7 @@ class CompiledDecoder:
         """As `TransformerDecoder.step`."""
         position = state.position
         rows = state.num_rows
-        if (rows > MAX_ROWS or emb.dtype != torch.float32
+        if (rows > MAX_ROWS[self.dtype] or emb.dtype != self.dtype
                 or position >= self.decoder.positions.max_positions or state.mask.size(1) < 2):
             return self.decoder.step(state, emb)
         x = self.decoder.add_positions(emb[:, None, :], position)  # (N, 1, D)
@@ -262,13 +280,18 @@ class CompiledTransformer:
 
     def __init__(self, model: Transformer, programs: dict[str, Any]) -> None:
         self.model = model.eval()
-        self.decoder = CompiledDecoder(model.decoder, programs["decoder_step"])
+        self.dtype = model.decoder.norm.weight.dtype
+        self.decoder = CompiledDecoder(model.decoder, programs["decoder_step"], self.dtype)
         self._encode = flat_runner(programs["encoder"])
 
     @classmethod
-    def build(cls, model: Any, cache_dir: Path | None = None) -> CompiledTransformer | None:
-        """Compile `model`'s decoder step; None (with a warning naming why) for a model that is
-        not an fp32 CPU `Transformer`, or when export or the C++ build fails."""
+    def build(cls, model: Any, cache_dir: Path | None = None, precision: str = "fp32",
+              eager: Transformer | None = None) -> CompiledTransformer | None:
+        """Compile an fp32 CPU `Transformer` for decoding in `precision` (fp32, or bf16: a bf16
+        copy of it is compiled). `eager`: the model that runs the parts left eager (embedding,
+        output layer, steps above `MAX_ROWS`) in that precision (default: `model` or its bf16
+        copy; `Translator` passes its row-bucketed bf16 copy). None (with a warning naming why)
+        for another model, or when export or the C++ build fails."""
         if not isinstance(model, Transformer):
             log.warning("compiled decoding is for the Transformer; this %s decodes eagerly",
                         type(model).__name__)
@@ -278,13 +301,16 @@ class CompiledTransformer:
             log.warning("compiled decoding needs an fp32 model on CPU (this one: %s on %s); "
                         "decoding eagerly", weight.dtype, weight.device)
             return None
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision: fp32 or bf16, got {precision!r}")
+        target = model if precision == "fp32" else copy.deepcopy(model).bfloat16().eval()
         try:
-            programs = compile_programs(model, cache_dir)
+            programs = compile_programs(target, cache_dir)
         except Exception as exc:  # noqa: BLE001 - any build failure falls back to eager
             log.warning("cannot compile the model (%s: %s); decoding eagerly",
                         type(exc).__name__, _first_line(exc))
             return None
-        return cls(model, programs)
+        return cls(target if eager is None else eager, programs)
 
     @property
     def src_vocab_size(self) -> int:

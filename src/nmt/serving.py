@@ -28,10 +28,10 @@ Deploy-time option: with the environment variable `NMT_INT8=1` the server decode
 copy of the model (`nmt.model.quantize`, CPU only; faster, outputs may differ slightly from
 fp32); unset or `0` keeps fp32. `NMT_PRECISION=auto|fp32|bf16` overrides the model's
 `evaluate.search.precision` (`nmt.decode_precision`; unset: the model's setting). With
-`NMT_COMPILE=1` (`nmt serve --compile`) a Transformer decodes in fp32 with its decoder step
-compiled at load (`nmt.compiled_step`: 20-30 s once per model and machine, then cached in
-`NMT_COMPILE_CACHE`); one-sentence requests are about 1.4x faster. It excludes `NMT_INT8=1` and
-`NMT_PRECISION=bf16`; where compiling fails the server still starts, decoding eagerly.
+`NMT_COMPILE=1` (`nmt serve --compile`) a Transformer decodes through programs compiled at load in
+its decoding precision (`nmt.compiled_step`: about a minute once per model and machine, then
+cached in `NMT_COMPILE_CACHE`); one-sentence requests are about 2x faster. It excludes
+`NMT_INT8=1`; where compiling fails the server still starts, decoding eagerly.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ WEIGHTS, CONFIG, TOKENIZERS, ATTRIBUTION = "weights", "config", "tokenizers", "a
 SHORTLIST = "shortlist"  # optional artifact: `nmt.shortlist` file (models exported before lack it)
 INT8_ENV = "NMT_INT8"  # "1": decode with an int8 copy of the model (CPU only)
 PRECISION_ENV = "NMT_PRECISION"  # auto | fp32 | bf16: decoding precision (unset: the model's)
-COMPILE_ENV = "NMT_COMPILE"  # "1": compile a Transformer's decoder step at load (fp32)
+COMPILE_ENV = "NMT_COMPILE"  # "1": compile a Transformer's encoder and decoder step at load
 
 
 REEXPORT = "log the model again with `dvc repro export` (or `dvc repro --force export`)"
@@ -210,10 +210,9 @@ class TranslatorModel(PythonModel):
         if precision:
             self.translator.to_precision(precision, key=PRECISION_ENV)
         int8, compiled = int8_requested(), compile_requested()
-        if compiled and (int8 or precision == "bf16"):
-            raise ValueError(f"{COMPILE_ENV}=1 decodes in fp32 and excludes "
-                             f"{INT8_ENV + '=1' if int8 else PRECISION_ENV + '=bf16'}: unset "
-                             "one of them")
+        if compiled and int8:
+            raise ValueError(f"{COMPILE_ENV}=1 and {INT8_ENV}=1 exclude each other: unset one "
+                             "of them")
         if int8:
             self.translator.to_int8()
             log.info("%s=1: decoding with an int8 copy of the model", INT8_ENV)

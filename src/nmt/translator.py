@@ -23,8 +23,8 @@ Per call to `translate`:
 Precision (`evaluate.search.precision`, `nmt.decode_precision`): `bf16` decodes with a bf16
 copy of the model, with the log-softmax and every search score in fp32; `fp32` decodes as
 before. An int8 model (`to_int8`) decodes in int8 whatever the precision. `compile_step`
-(serving's `--compile`) runs a Transformer's fp32 decoder step as one compiled program
-(`nmt.compiled_step`).
+(serving's `--compile`) runs a Transformer's encoder and decoder step as compiled programs in the
+current precision (`nmt.compiled_step`).
 
 Size: about 330 lines, one class whose parts (loading, shortlist and precision modes, batching,
 truncation and UNK accounting) all act on the same decoding call; the search itself lives in
@@ -50,7 +50,7 @@ from nmt.config import SearchConfig, check_beam
 from nmt.data.padding import pad_sources
 from nmt.data.vocab import Tokenizer
 from nmt.decode_precision import Fp32LogProbs, bf16_copy, resolve_decode_precision
-from nmt.model import SearchResult, Seq2Seq, beam_search, greedy_search
+from nmt.model import SearchResult, Seq2Seq, Transformer, beam_search, greedy_search
 from nmt.model.quantize import is_quantized, quantize_int8
 from nmt.shortlist import Shortlist, ShortlistModel, output_layer
 from nmt.specials import SPECIAL_PIECES, UNK_ID
@@ -219,22 +219,28 @@ class Translator:
         return self
 
     def compile_step(self, cache_dir: Path | None = None) -> bool:
-        """Decode with a compiled decoder step (`nmt.compiled_step`), in fp32, from now on.
+        """Decode with compiled encoder and decoder-step programs (`nmt.compiled_step`) in the
+        current precision (fp32 or bf16) from now on.
 
-        Returns False (the step stays eager, with a warning logged) for a model that is not a
+        Returns False (decoding stays eager, with a warning logged) for a model that is not a
         Transformer or when the compiler fails. ValueError on an int8 translator.
         """
         if self.int8:
             raise ValueError("a compiled decoder step and int8 decoding exclude each other: "
                              "choose one")
-        self.to_precision("fp32")
-        self._compiled = CompiledTransformer.build(self.model, cache_dir)
+        eager = None if self._bf16 is None or self.precision != "bf16" else self._bf16[0]
+        self._compiled = CompiledTransformer.build(self.model, cache_dir, self.precision,
+                                                   cast(Transformer | None, eager))
         return self._compiled is not None
 
     @property
     def compiled(self) -> bool:
-        """True when fp32 decoding runs the compiled decoder step."""
-        return self._compiled is not None
+        """True when decoding runs compiled programs (in the precision they were built for)."""
+        return self._compiled is not None and self._compiled_precision() == self.precision
+
+    def _compiled_precision(self) -> str:
+        assert self._compiled is not None
+        return "bf16" if self._compiled.dtype == torch.bfloat16 else "fp32"
 
     @property
     def int8(self) -> bool:
@@ -308,7 +314,7 @@ class Translator:
         bf16 = self._bf16 is not None and self.precision == "bf16" and not self.int8
         if bf16:
             model, output = self._bf16  # type: ignore[misc]  # bf16 is only True when set
-        elif self._compiled is not None and not self.int8:
+        if self.compiled and not self.int8:
             model = cast(Seq2Seq, self._compiled)
         shortlisted = None
         if self.shortlist is not None and output is not None:

@@ -93,7 +93,7 @@ def test_pending_row_selections_and_groups(tiny_compiled: dict) -> None:
 def test_searches_translate_the_same(tiny_compiled: dict, beam: int, shortlisted: bool,
                                      max_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Also when the rows cross `MAX_ROWS`: batches above it step eagerly, the rest compiled."""
-    monkeypatch.setattr(cs, "MAX_ROWS", max_rows)
+    monkeypatch.setitem(cs.MAX_ROWS, torch.float32, max_rows)
     compiled_rows: list[int] = []
     run = tiny_compiled["compiled"].decoder._run
     monkeypatch.setattr(tiny_compiled["compiled"].decoder, "_run",
@@ -182,24 +182,60 @@ def test_models_it_does_not_compile_decode_eagerly(tiny_compiled: dict, tmp_path
     assert not list(tmp_path.iterdir())
 
 
+def test_bf16_programs_match_the_eager_bf16_model(tiny_compiled: dict,
+                                                 tiny_compiled_bf16: dict) -> None:
+    """bf16 programs against the same bf16 weights run eagerly: equal within bf16 rounding,
+    and much closer to them than bf16 is to fp32 would allow to drift."""
+    compiled, plain = tiny_compiled_bf16["compiled"], tiny_compiled_bf16["model"]
+    assert compiled.dtype == torch.bfloat16 and plain.decoder.norm.weight.dtype == torch.bfloat16
+    src, lengths, trg_in = _batch(tiny_compiled)
+    with torch.inference_mode():
+        eager = decode_stepwise(plain, src, lengths, trg_in)
+        out = decode_stepwise(compiled, src, lengths, trg_in)
+        fp32 = decode_stepwise(tiny_compiled["model"], src, lengths, trg_in)
+    assert out[0].dtype == torch.bfloat16
+    torch.testing.assert_close(out[0].float(), eager[0].float(), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(out[0].float(), fp32[0], atol=0.1, rtol=0.05)
+    torch.testing.assert_close(out[1].float(), eager[1].float(), atol=0.02, rtol=0.02)
+
+
+def test_translator_compiles_in_its_precision(tiny_compiled: dict, tiny_compiled_bf16: dict,
+                                              amx: None) -> None:
+    translator = _translator(tiny_compiled, precision="bf16")
+    assert translator.compile_step(tiny_compiled["cache"])  # the fixture's bf16 programs
+    assert translator.compiled and translator.precision == "bf16"
+    assert translator._compiled is not None
+    assert translator._compiled.dtype == torch.bfloat16
+    assert translator._compiled.model is translator._bf16[0]  # the row-bucketed copy
+    out = translator.translate(SENTENCES)
+    eager = _translator(tiny_compiled, precision="bf16").translate(SENTENCES)
+    assert [len(t.hypotheses) for t in out] == [len(t.hypotheses) for t in eager]
+    assert all(abs(a.scores[0] - b.scores[0]) < 0.5 for a, b in zip(out, eager, strict=True)
+               if a.source)
+
+
 def _translator(tiny: dict, precision: str = "fp32") -> Translator:
     return Translator(tiny["model"], tiny["src_tok"], tiny["trg_tok"], SEARCH, 12,
                       precision=precision)
 
 
 def test_translator_compile_step(tiny_compiled: dict, amx: None) -> None:
-    translator = _translator(tiny_compiled, precision="bf16")
+    translator = _translator(tiny_compiled)
     eager = _translator(tiny_compiled).translate(SENTENCES)
     assert translator.compile_step(tiny_compiled["cache"]) and translator.compiled
     assert translator.precision == "fp32"
     out = translator.translate(SENTENCES)
     assert [t.hypotheses for t in out] == [t.hypotheses for t in eager]
     assert [t.attention.shape for t in out] == [t.attention.shape for t in eager]
+    translator.to_precision("bf16")  # programs built for fp32: bf16 decodes eagerly
+    assert not translator.compiled
+    assert len(translator.translate(SENTENCES)) == len(SENTENCES)
     with pytest.raises(ValueError, match="compiled decoder step and int8 decoding exclude"):
         _translator(tiny_compiled).to_int8().compile_step(tiny_compiled["cache"])
 
 
-def test_serving_env_compiles_at_load(tiny_compiled: dict, tmp_path: Path, amx: None,
+def test_serving_env_compiles_at_load(tiny_compiled: dict, tiny_compiled_bf16: dict,
+                                      tmp_path: Path, amx: None,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     artifacts = write_artifacts(tmp_path / "pyfunc", tiny_compiled["model"], tiny_compiled["cfg"],
                                 tiny_compiled["model_dir"] / "tokenizers", SEARCH, 12,
@@ -216,13 +252,14 @@ def test_serving_env_compiles_at_load(tiny_compiled: dict, tmp_path: Path, amx: 
     assert [o.translation for o in got] == [o.translation for o in want]
     assert [o.score for o in got] == pytest.approx([o.score for o in want], abs=1e-5)
     monkeypatch.setenv(PRECISION_ENV, "bf16")
-    with pytest.raises(ValueError, match="NMT_COMPILE=1 decodes in fp32 and excludes "
-                                         "NMT_PRECISION=bf16: unset one of them"):
-        TranslatorModel().load_context(context)
+    bf16 = TranslatorModel()
+    bf16.load_context(context)  # compiled in bf16 (from the fixture's cache entry)
+    assert bf16.translator.compiled and bf16.translator.precision == "bf16"
+    assert len(bf16.predict(SENTENCES[:5])) == 5
     monkeypatch.delenv(PRECISION_ENV)
     monkeypatch.setenv(INT8_ENV, "1")
-    with pytest.raises(ValueError, match="NMT_COMPILE=1 decodes in fp32 and excludes "
-                                         "NMT_INT8=1: unset one of them"):
+    with pytest.raises(ValueError, match="NMT_COMPILE=1 and NMT_INT8=1 exclude each other: "
+                                         "unset one of them"):
         TranslatorModel().load_context(context)
     monkeypatch.delenv(INT8_ENV)
     monkeypatch.setenv(COMPILE_ENV, "yes")
