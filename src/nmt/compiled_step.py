@@ -67,9 +67,15 @@ class EncoderStack(nn.Module):
 
     def forward(self, src: Tensor, src_lengths: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        encoded = self.model.encode(src, src_lengths)
-        state = self.model.decoder.init_state(encoded)
-        return encoded.outputs, encoded.mask, state.cross_k, state.cross_v
+        return encode_with_cross(self.model, src, src_lengths)
+
+
+def encode_with_cross(model: Transformer, src: Tensor, src_lengths: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`EncoderStack`'s outputs computed eagerly (also its body when exported)."""
+    encoded = model.encode(src, src_lengths)
+    state = model.decoder.init_state(encoded)
+    return encoded.outputs, encoded.mask, state.cross_k, state.cross_v
 
 
 class LayerStack(nn.Module):
@@ -256,9 +262,9 @@ class CompiledDecoder:
                 or position >= self.decoder.positions.max_positions or state.mask.size(1) < 2):
             return self.decoder.step(state, emb)
         x = self.decoder.add_positions(emb[:, None, :], position)  # (N, 1, D)
-        cache_rows = (torch.arange(rows, device=emb.device) if state.rows is None
-                      else state.rows)
-        entry = torch.arange(rows, device=emb.device) // state.group
+        index = torch.arange(rows, device=emb.device)
+        cache_rows = index if state.rows is None else state.rows
+        entry = index // state.group
         features, self_k, self_v, weights = self._run(
             [x, state.self_k, state.self_v, cache_rows, entry, state.cross_k, state.cross_v,
              state.mask])
@@ -328,9 +334,8 @@ class CompiledTransformer:
         """As `Transformer.encode`, with the decoder's cross-attention keys and values."""
         self.model.check_source(src, src_lengths)
         if src.size(1) > self.model.encoder.positions.max_positions:
-            encoded = self.model.encode(src, src_lengths)  # eager: its error or its positions
-            state = self.model.decoder.init_state(encoded)
-            return _Encoded(encoded.outputs, encoded.mask, state.cross_k, state.cross_v)
+            # eager: the model's own error (learned positions) or positions past the program's
+            return _Encoded(*encode_with_cross(self.model, src, src_lengths))
         return _Encoded(*self._encode([src, src_lengths]))
 
     def init_state(self, encoded: _Encoded) -> TransformerState:
